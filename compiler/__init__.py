@@ -1,0 +1,29 @@
+"""compressc: a declarative model-compression compiler for PyTorch.
+
+>>> import torch, compressc
+>>> g = compressc.trace(torch.nn.Linear(8, 2), (torch.randn(1, 8),))
+>>> g.totals().params
+18
+"""
+
+from .errors import ModelFileError, PassPreconditionError, TraceError, UserError
+from .ir import CostTotals, Graph, LeafReport, NodeCost, NodeInfo, NodeKind, TensorMeta
+from .frontends.fx import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace",
+    "Graph",
+    "NodeKind",
+    "NodeInfo",
+    "NodeCost",
+    "CostTotals",
+    "TensorMeta",
+    "LeafReport",
+    "UserError",
+    "ModelFileError",
+    "TraceError",
+    "PassPreconditionError",
+    "__version__",
+]

@@ -1,0 +1,225 @@
+"""The graph IR: an fx ``GraphModule`` plus one typed record per node.
+
+Analyses write their results into ``node.meta`` under fixed keys (``META_INFO`` for the node's kind
+and tensor shapes, ``META_COST`` for its costs), as fx's own ``ShapeProp`` does; ``Graph`` gives typed
+access to them and refuses, with the pass to run, when a record is missing.
+
+>>> import torch, compressc
+>>> g = compressc.trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()), (torch.randn(2, 4),))
+>>> [(r.name, r.kind.value) for r in g.records()]
+[('input_1', 'input'), ('_0', 'linear'), ('_1', 'activation'), ('output', 'output')]
+>>> g.cost_of("_0").params, g.totals().params
+(15, 15)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.fx as fx
+
+from .errors import PassPreconditionError
+
+__all__ = [
+    "NodeKind",
+    "TensorMeta",
+    "NodeInfo",
+    "NodeCost",
+    "CostTotals",
+    "LeafReport",
+    "Graph",
+    "META_INFO",
+    "META_COST",
+    "META_OPAQUE_FLOPS",
+]
+
+META_INFO = "compressc.info"
+META_COST = "compressc.cost"
+META_OPAQUE_FLOPS = "compressc.opaque_flops"  # aten-level matmul/conv FLOPs measured inside an opaque module
+
+
+class NodeKind(str, enum.Enum):
+    """Closed set of node kinds. Every fx node gets exactly one."""
+
+    INPUT = "input"  # placeholder
+    OUTPUT = "output"  # the graph's output node
+    CONSTANT = "constant"  # get_attr: a parameter, buffer or constant tensor used directly
+    CONV = "conv"  # Conv1d/2d/3d, ConvTranspose*, F.conv*
+    LINEAR = "linear"  # Linear, F.linear
+    MATMUL = "matmul"  # matmul / mm / bmm / einsum / @
+    NORM = "norm"  # BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm, LocalResponseNorm
+    ACTIVATION = "activation"  # ReLU & co, softmax, PReLU
+    DROPOUT = "dropout"  # Dropout* (identity at inference)
+    ELEMENTWISE = "elementwise"  # add/sub/mul/div/pow/neg/... with broadcasting
+    CONCAT = "concat"  # cat / concat / stack
+    SPLIT = "split"  # split / chunk / unbind / tensor slicing and indexing
+    GETITEM = "getitem"  # picking an element out of a tuple/list/dict result
+    RESHAPE = "reshape"  # view / reshape / flatten / unflatten / squeeze / unsqueeze / expand
+    PERMUTE = "permute"  # permute / transpose / t / ChannelShuffle
+    POOL = "pool"  # max/avg/adaptive pooling, upsampling by interpolation
+    REDUCE = "reduce"  # mean / sum / amax ... over dims
+    ATTENTION = "attention"  # nn.MultiheadAttention, F.scaled_dot_product_attention
+    EMBEDDING = "embedding"  # Embedding, EmbeddingBag, F.embedding
+    RECURRENT = "recurrent"  # LSTM / GRU / RNN (traced as a whole)
+    SHAPE = "shape"  # size() / shape / dim(): returns Python values, not tensors
+    IDENTITY = "identity"  # Identity, contiguous, clone, detach, to(dtype)
+    LEAF = "leaf"  # an opaque submodule: fx could not trace into it
+    OTHER = "other"  # anything not understood; passes must leave its channels alone
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of one tensor flowing along an edge."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the frontend knows about one fx node.
+
+    ``inputs`` are the tensors among the node's arguments in argument order (flattened through
+    tuples/lists); ``outputs`` the tensors it produces (flattened). ``module_path`` is the qualified
+    name of the called submodule (``call_module``) or attribute (``get_attr``), else ``None``;
+    ``module_type`` its class name.
+    """
+
+    name: str
+    kind: NodeKind
+    op: str
+    target: str
+    module_path: str | None
+    module_type: str | None
+    inputs: tuple[TensorMeta, ...]
+    outputs: tuple[TensorMeta, ...]
+
+    @property
+    def out_shape(self) -> tuple[int, ...] | None:
+        """Shape of the first output tensor, or ``None`` when the node produces none."""
+        return self.outputs[0].shape if self.outputs else None
+
+    @property
+    def in_shape(self) -> tuple[int, ...] | None:
+        return self.inputs[0].shape if self.inputs else None
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Costs of one node, at fp32.
+
+    ``params`` counts each parameter tensor once in the whole graph (at its first use), so per-node
+    params add up to the module's parameter count. ``macs`` counts multiply-accumulates of
+    conv/linear/matmul/attention/recurrent cells; ``flops`` is ``2 * macs`` plus one operation per
+    element for the rest (bias adds, norms, activations, elementwise, pooling windows), see
+    docs/cost-model.md.
+    """
+
+    params: int = 0
+    weight_bytes: int = 0
+    buffers: int = 0
+    macs: int = 0
+    flops: int = 0
+    activation_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class CostTotals:
+    params: int
+    weight_bytes: int
+    buffers: int
+    macs: int
+    flops: int
+    activation_bytes: int
+    unattributed_params: int
+    """Parameters of the module that no node uses (dead submodules); included in ``params``."""
+
+
+@dataclass(frozen=True)
+class LeafReport:
+    """A submodule the frontend had to keep opaque, and why."""
+
+    module_path: str
+    module_type: str
+    reason: str
+
+
+@dataclass
+class Graph:
+    """A traced model: the fx ``GraphModule`` and its per-node records.
+
+    ``module`` shares parameters with the traced model (fx does not copy them); lowering passes
+    build new modules and never mutate it.
+    """
+
+    module: fx.GraphModule
+    example_inputs: tuple
+    leaves: list[LeafReport] = field(default_factory=list)
+    unattributed_params: int = 0
+
+    # -- access -------------------------------------------------------------------------------
+    def nodes(self) -> Iterator[fx.Node]:
+        return iter(self.module.graph.nodes)
+
+    def node(self, name: str) -> fx.Node:
+        for n in self.module.graph.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node named {name!r} in the graph")
+
+    def info(self, node: fx.Node | str) -> NodeInfo:
+        n = self.node(node) if isinstance(node, str) else node
+        try:
+            return n.meta[META_INFO]
+        except KeyError:
+            raise PassPreconditionError(
+                f"node {n.name!r} has no NodeInfo: build the graph with compressc.trace() "
+                "(it runs shape propagation) before calling analysis passes"
+            ) from None
+
+    def cost_of(self, node: fx.Node | str) -> NodeCost:
+        n = self.node(node) if isinstance(node, str) else node
+        try:
+            return n.meta[META_COST]
+        except KeyError:
+            raise PassPreconditionError(
+                f"node {n.name!r} has no cost record: run compressc.passes.analysis.cost.analyze_cost(graph) first"
+            ) from None
+
+    def records(self) -> list[NodeInfo]:
+        return [self.info(n) for n in self.module.graph.nodes]
+
+    def submodule(self, node: fx.Node) -> torch.nn.Module:
+        if node.op != "call_module":
+            raise ValueError(f"node {node.name!r} is a {node.op}, not a call_module")
+        return self.module.get_submodule(node.target)
+
+    def totals(self) -> CostTotals:
+        costs = [self.cost_of(n) for n in self.module.graph.nodes]
+        return CostTotals(
+            params=sum(c.params for c in costs) + self.unattributed_params,
+            weight_bytes=sum(c.weight_bytes for c in costs) + 4 * self.unattributed_params,
+            buffers=sum(c.buffers for c in costs),
+            macs=sum(c.macs for c in costs),
+            flops=sum(c.flops for c in costs),
+            activation_bytes=sum(c.activation_bytes for c in costs),
+            unattributed_params=self.unattributed_params,
+        )

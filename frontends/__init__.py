@@ -1,0 +1,1 @@
+"""Frontends: a model (or a model file) -> the graph IR."""

@@ -1,0 +1,1 @@
+"""Analysis passes: they annotate a ``Graph`` and never change the module."""

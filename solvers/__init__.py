@@ -1,0 +1,1 @@
+"""Solver plugins: a compression ``Problem`` -> a ``Plan``."""
