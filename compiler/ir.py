@@ -64,7 +64,7 @@ class NodeKind(str, enum.Enum):
     ATTENTION = "attention"  # nn.MultiheadAttention, F.scaled_dot_product_attention
     EMBEDDING = "embedding"  # Embedding, EmbeddingBag, F.embedding
     RECURRENT = "recurrent"  # LSTM / GRU / RNN (traced as a whole)
-    SHAPE = "shape"  # size() / shape / dim(): returns Python values, not tensors
+    SHAPE = "shape"  # size() / shape / dim() and any arithmetic on them: Python values, not tensors
     IDENTITY = "identity"  # Identity, contiguous, clone, detach, to(dtype)
     LEAF = "leaf"  # an opaque submodule: fx could not trace into it
     OTHER = "other"  # anything not understood; passes must leave its channels alone

@@ -99,8 +99,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip() + where
 
 
-def _symbolic_trace(model: torch.nn.Module, n_inputs: int) -> tuple[fx.GraphModule, list[LeafReport]]:
-    concrete = _concrete_args(model, n_inputs)
+def _symbolic_trace(model: torch.nn.Module, concrete: dict[str, Any]) -> tuple[fx.GraphModule, list[LeafReport]]:
     leaves: dict[str, LeafReport] = {}
     for _ in range(_MAX_LEAF_ROUNDS):
         tracer = LeafTracer(set(leaves))
@@ -151,6 +150,9 @@ class _ShapeRecorder(fx.Interpreter):
             n.meta[META_OPAQUE_FLOPS] = counter.get_total_flops()
         else:
             result = super().run_node(n)
+        outputs = _metas(result)
+        if n.op in ("call_function", "call_method") and not outputs:
+            kind = NodeKind.SHAPE  # Python-value arithmetic (shapes, sizes), whatever the operator
         n.meta[META_INFO] = NodeInfo(
             name=n.name,
             kind=kind,
@@ -159,7 +161,7 @@ class _ShapeRecorder(fx.Interpreter):
             module_path=n.target if n.op in ("call_module", "get_attr") else None,
             module_type=type(module).__name__ if module is not None else None,
             inputs=_metas((args, kwargs)),
-            outputs=_metas(result),
+            outputs=outputs,
         )
         return result
 
@@ -195,8 +197,9 @@ def trace(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor, *
     example_inputs = tuple(example_inputs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
-    gm, leaves = _symbolic_trace(model, len(example_inputs))
-    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    concrete = _concrete_args(model, len(example_inputs))
+    gm, leaves = _symbolic_trace(model, concrete)
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder") - len(concrete)
     if n_placeholders != len(example_inputs):
         raise TraceError(
             f"{type(model).__name__}.forward takes {n_placeholders} tensor input(s) but example_inputs has "
