@@ -135,7 +135,7 @@ class NodeCost:
 
     params: int = 0
     weight_bytes: int = 0
-    buffers: int = 0
+    buffers: int = 0  # number of buffer elements (e.g. BatchNorm running statistics), first use only
     macs: int = 0
     flops: int = 0
     activation_bytes: int = 0
@@ -180,10 +180,13 @@ class Graph:
         return iter(self.module.graph.nodes)
 
     def node(self, name: str) -> fx.Node:
-        for n in self.module.graph.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(f"no node named {name!r} in the graph")
+        index = self.__dict__.get("_by_name")
+        if index is None or name not in index:
+            index = self.__dict__["_by_name"] = {n.name: n for n in self.module.graph.nodes}
+        try:
+            return index[name]
+        except KeyError:
+            raise KeyError(f"no node named {name!r} in the graph") from None
 
     def info(self, node: fx.Node | str) -> NodeInfo:
         n = self.node(node) if isinstance(node, str) else node

@@ -169,11 +169,21 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 def _target_name(n: fx.Node) -> str:
+    """A readable name for the node's target: ``torch.relu``, ``F.linear``, ``operator.add``, ``view``."""
     if isinstance(n.target, str):
         return n.target
-    module = getattr(n.target, "__module__", None) or ""
-    name = getattr(n.target, "__qualname__", None) or getattr(n.target, "__name__", repr(n.target))
-    return f"{module}.{name}" if module and module not in ("builtins", "_operator") else name
+    name = _qualified_name(n.target)
+    for prefix, short in (("torch._C._nn.", "F."), ("torch.nn.functional.", "F."), ("_operator.", "operator.")):
+        if name.startswith(prefix):
+            return short + name[len(prefix):]
+    return name
+
+
+def _qualified_name(target: Any) -> str:
+    try:
+        return fx.node._get_qualified_name(target)
+    except Exception:  # noqa: BLE001 - fx cannot name some builtins; fall back to repr
+        return getattr(target, "__qualname__", None) or repr(target)
 
 
 @contextlib.contextmanager
