@@ -9,11 +9,21 @@
 from .errors import ModelFileError, PassPreconditionError, TraceError, UserError
 from .ir import CostTotals, Graph, LeafReport, NodeCost, NodeInfo, NodeKind, TensorMeta
 from .frontends.fx import trace
+from .passes.analysis.channel_groups import ChannelGroup, GroupMember, channel_groups
+from .passes.analysis.channel_plan import InfeasiblePlanError, predict_cost
+from .passes.lowering.prune_channels import masked_reference, prune_channels
 
 __version__ = "0.1.0"
 
 __all__ = [
     "trace",
+    "channel_groups",
+    "prune_channels",
+    "masked_reference",
+    "predict_cost",
+    "InfeasiblePlanError",
+    "ChannelGroup",
+    "GroupMember",
     "Graph",
     "NodeKind",
     "NodeInfo",

@@ -34,11 +34,13 @@ __all__ = [
     "META_INFO",
     "META_COST",
     "META_OPAQUE_FLOPS",
+    "META_VALUE",
 ]
 
 META_INFO = "compressc.info"
 META_COST = "compressc.cost"
 META_OPAQUE_FLOPS = "compressc.opaque_flops"  # aten-level matmul/conv FLOPs measured inside an opaque module
+META_VALUE = "compressc.value"  # the node's output as a pytree: TensorMeta for tensors, Python scalars as is
 
 
 class NodeKind(str, enum.Enum):

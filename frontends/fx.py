@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from compressc.errors import TraceError
-from compressc.ir import META_INFO, META_OPAQUE_FLOPS, Graph, LeafReport, NodeInfo, NodeKind, TensorMeta
+from compressc.ir import META_INFO, META_OPAQUE_FLOPS, META_VALUE, Graph, LeafReport, NodeInfo, NodeKind, TensorMeta
 from compressc.frontends.node_kinds import classify
 
 __all__ = ["trace", "LeafTracer"]
@@ -153,6 +153,7 @@ class _ShapeRecorder(fx.Interpreter):
         else:
             result = super().run_node(n)
         outputs = _metas(result)
+        n.meta[META_VALUE] = tree_map(_value_spec, result)
         if n.op in ("call_function", "call_method") and not outputs:
             kind = NodeKind.SHAPE  # Python-value arithmetic (shapes, sizes), whatever the operator
         n.meta[META_INFO] = NodeInfo(
@@ -166,6 +167,14 @@ class _ShapeRecorder(fx.Interpreter):
             outputs=outputs,
         )
         return result
+
+
+def _value_spec(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return TensorMeta(tuple(v.shape), v.dtype)
+    if isinstance(v, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+        return v
+    return None  # other Python objects are not needed by any pass
 
 
 def _target_name(n: fx.Node) -> str:

@@ -2,7 +2,7 @@
 
 Precondition: the graph was built by ``compressc.trace`` (every node has a ``NodeInfo``). Costs are
 computed from the recorded shapes and the modules' weight shapes, one formula per kind in
-``_node_macs_flops``. Conventions (docs/cost-model.md): ``flops = 2 * macs`` plus one operation per output
+``node_macs_flops``. Conventions (docs/cost-model.md): ``flops = 2 * macs`` plus one operation per output
 element for bias adds, activations, elementwise ops and pooling windows, 2 per element for inference
 BatchNorm, 5 for the other norms, 3 for softmax.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.fx as fx
@@ -26,7 +26,9 @@ import torch.nn as nn
 
 from compressc.ir import META_COST, META_OPAQUE_FLOPS, Graph, NodeCost, NodeInfo, NodeKind
 
-__all__ = ["analyze_cost", "CostAnalysisPass"]
+__all__ = ["analyze_cost", "node_macs_flops", "CostAnalysisPass"]
+
+ShapeOf = Callable[[str], tuple]
 
 K = NodeKind
 _SOFTMAX_TARGETS = ("softmax", "log_softmax", "Softmax", "LogSoftmax", "Softmin")
@@ -41,10 +43,10 @@ def _out_numel(info: NodeInfo) -> int:
 
 
 # -- MACs per kind -------------------------------------------------------------------------------
-def _conv_macs(info: NodeInfo, m: nn.Module | None) -> int:
+def _conv_macs(info: NodeInfo, m: nn.Module | None, shape: ShapeOf) -> int:
     if m is not None:
         transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-        w_per_out = _prod(m.weight.shape[1:])  # (C_in / groups) * k...  (transpose: C_out / groups * k...)
+        w_per_out = _prod(shape("weight")[1:])  # (C_in / groups) * k...  (transpose: C_out / groups * k...)
     else:
         transposed = "transpose" in info.target
         w_per_out = _prod(info.inputs[1].shape[1:])
@@ -53,10 +55,10 @@ def _conv_macs(info: NodeInfo, m: nn.Module | None) -> int:
     return (info.inputs[0].numel if transposed else _out_numel(info)) * w_per_out
 
 
-def _linear_macs(info: NodeInfo, m: nn.Module | None) -> int:
+def _linear_macs(info: NodeInfo, m: nn.Module | None, shape: ShapeOf) -> int:
     if isinstance(m, nn.Bilinear):
         return _out_numel(info) * m.in1_features * m.in2_features
-    in_features = m.in_features if m is not None else info.inputs[1].shape[-1]
+    in_features = shape("weight")[1] if m is not None else info.inputs[1].shape[-1]
     return _out_numel(info) * in_features
 
 
@@ -104,13 +106,13 @@ def _attention_macs(info: NodeInfo, m: nn.Module | None) -> tuple[int, int]:
     return batch * lq * ls * (q.shape[-1] + v.shape[-1]), batch * lq * ls
 
 
-def _recurrent_macs(info: NodeInfo, m: nn.Module) -> int:
+def _recurrent_macs(info: NodeInfo, m: nn.Module, shape: ShapeOf) -> int:
     x = info.inputs[0]
     if len(x.shape) == 2:
         steps = x.shape[0]
     else:
         steps = x.shape[0] * x.shape[1]  # batch * sequence length, whichever order
-    per_step = sum(p.numel() for name, p in m.named_parameters() if name.startswith("weight_"))
+    per_step = sum(_prod(shape(name)) for name, _ in m.named_parameters() if name.startswith("weight_"))
     return steps * per_step
 
 
@@ -124,15 +126,19 @@ def _pool_flops(info: NodeInfo, m: nn.Module | None) -> int:
     return max(_out_numel(info), info.inputs[0].numel if info.inputs else 0)
 
 
-def _node_macs_flops(info: NodeInfo, node: fx.Node, m: nn.Module | None) -> tuple[int, int]:
+def node_macs_flops(info: NodeInfo, node: fx.Node, m: nn.Module | None, shape: ShapeOf | None = None) -> tuple[int, int]:
+    """(MACs, FLOPs) of one node from its shapes; ``shape(name)`` gives the shape of the called
+    module's tensor ``name`` (default: the actual one), so cost prediction can pass pruned shapes."""
+    if shape is None:
+        shape = (lambda name: tuple(m.get_parameter(name).shape)) if m is not None else (lambda name: ())
     out = _out_numel(info)
     kind = info.kind
     if kind is K.CONV:
-        macs = _conv_macs(info, m)
+        macs = _conv_macs(info, m, shape)
         has_bias = (m.bias is not None) if m is not None else len(info.inputs) > 2
         return macs, 2 * macs + (out if has_bias else 0)
     if kind is K.LINEAR:
-        macs = _linear_macs(info, m)
+        macs = _linear_macs(info, m, shape)
         has_bias = (m.bias is not None) if m is not None else len(info.inputs) > 2
         return macs, 2 * macs + (out if has_bias else 0)
     if kind is K.MATMUL:
@@ -142,7 +148,7 @@ def _node_macs_flops(info: NodeInfo, node: fx.Node, m: nn.Module | None) -> tupl
         macs, soft = _attention_macs(info, m)
         return macs, 2 * macs + 3 * soft
     if kind is K.RECURRENT and m is not None:
-        macs = _recurrent_macs(info, m)
+        macs = _recurrent_macs(info, m, shape)
         return macs, 2 * macs
     if kind is K.NORM:
         per = 2 if isinstance(m, nn.modules.batchnorm._BatchNorm) or "batch_norm" in info.target else 5
@@ -185,7 +191,7 @@ def analyze_cost(graph: Graph, model: nn.Module | None = None) -> Graph:
                 params = _count_new([value], seen)
             elif isinstance(value, torch.Tensor):
                 buffers = _count_new([value], seen_buffers)
-        macs, flops = _node_macs_flops(info, node, m)
+        macs, flops = node_macs_flops(info, node, m)
         act = sum(t.nbytes for t in info.outputs) if info.kind not in (K.INPUT, K.OUTPUT) else 0
         node.meta[META_COST] = NodeCost(
             params=params, weight_bytes=4 * params, buffers=buffers, macs=macs, flops=flops, activation_bytes=act

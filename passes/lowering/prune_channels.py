@@ -1,0 +1,324 @@
+"""Lowering pass ``prune-channels``: a channel plan -> a physically smaller module.
+
+Every parameter/buffer the channel analysis tied to a group is sliced along those dims; module
+hyper-parameters (``in_channels``, ``groups``, ``num_features``, ...) follow from the new shapes;
+shape constants in the graph (view/reshape sizes, split sizes, slice bounds) are rewritten to the new
+sizes. The input graph and model are never touched: the result is built on a deep copy.
+
+Precondition: the graph comes from ``compressc.trace``; the plan's group ids come from
+``compressc.channel_groups`` on that same graph.
+
+>>> import torch, torch.nn as nn, compressc
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+>>> g = compressc.trace(net, (torch.randn(1, 3, 6, 6),))
+>>> small = compressc.prune_channels(g, {0: [1, 4, 6]})
+>>> small.get_submodule("0").out_channels, small.get_submodule("3").in_channels
+(3, 3)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from compressc.ir import META_VALUE, Graph, TensorMeta
+from compressc.passes.analysis.channel_groups import Chan, ChannelAnalysis, analyze_channels
+from compressc.passes.analysis.channel_plan import ChannelPlan, InfeasiblePlanError, kept_mask, validate_plan
+
+__all__ = ["prune_channels", "masked_reference", "PruneChannelsPass"]
+
+
+def _index(mask: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.flatnonzero(mask), dtype=torch.long)
+
+
+def _owner(gm: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, leaf = name.rpartition(".")
+    return (gm.get_submodule(owner) if owner else gm), leaf
+
+
+def _slice_tensors(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: np.ndarray) -> None:
+    for name, dims in analysis.tensor_dims.items():
+        owner, leaf = _owner(gm, name)
+        t = getattr(owner, leaf)
+        new = t.detach()
+        for d, slots in dims.items():
+            new = new.index_select(d, _index(keep[slots]))
+        new = new.clone()
+        if isinstance(t, nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(new, requires_grad=t.requires_grad))
+        else:
+            setattr(owner, leaf, new)  # a buffer stays a buffer (nn.Module.__setattr__ keeps it registered)
+
+
+def _check_nonempty(analysis: ChannelAnalysis, keep: np.ndarray) -> None:
+    for name, state in analysis.states.items():
+        for chan in tree_flatten(state, is_leaf=lambda x: isinstance(x, Chan))[0]:
+            if isinstance(chan, Chan):
+                for d in chan.dims:
+                    if not kept_mask(chan, keep, d).any():
+                        raise InfeasiblePlanError(f"the plan removes every channel of node {name!r} (dim {d}); keep at least one")
+
+
+# -- module hyper-parameters ---------------------------------------------------------------------
+def _fix_module(m: nn.Module, in_chan: Any, out_chan: Any, keep: np.ndarray, in_dim: int | None) -> None:
+    if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            per_group_in = m.in_channels // m.groups
+            m.groups = m.weight.shape[0] // per_group_in if m.groups > 1 else 1
+            m.in_channels = m.weight.shape[0]
+            m.out_channels = m.weight.shape[1] * m.groups
+        else:
+            per_group_out = m.out_channels // m.groups
+            m.groups = m.weight.shape[0] // per_group_out if m.groups > 1 else 1
+            m.out_channels = m.weight.shape[0]
+            m.in_channels = m.weight.shape[1] * m.groups
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        if isinstance(in_chan, Chan) and in_dim in in_chan.dims:
+            m.num_features = int(kept_mask(in_chan, keep, in_dim).sum())
+    elif isinstance(m, nn.GroupNorm):
+        if isinstance(in_chan, Chan) and 1 in in_chan.dims:
+            per_group = m.num_channels // m.num_groups
+            m.num_channels = int(kept_mask(in_chan, keep, 1).sum())
+            m.num_groups = m.num_channels // per_group
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = m.weight.numel()
+    elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        m.embedding_dim = m.weight.shape[1]
+    elif isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
+        m.input_size = m.weight_ih_l0.shape[1]
+    elif isinstance(m, nn.Unflatten) and isinstance(out_chan, Chan):
+        sizes = list(m.unflattened_size)
+        for d in out_chan.dims:
+            if m.dim <= d < m.dim + len(sizes):
+                sizes[d - m.dim] = int(kept_mask(out_chan, keep, d).sum())
+        m.unflattened_size = tuple(sizes)
+
+
+# -- graph constants --------------------------------------------------------------------------------
+def _new_size(chan: Any, keep: np.ndarray, d: int) -> int | None:
+    return int(kept_mask(chan, keep, d).sum()) if isinstance(chan, Chan) and d in chan.dims else None
+
+
+def _rewrite_shape_args(node: fx.Node, out: Any, keep: np.ndarray, first: int) -> None:
+    """view/reshape/expand: sizes from ``args[first:]`` (varargs or one sequence) at tracked dims."""
+    args = list(node.args)
+    packed = len(args) == first + 1 and isinstance(args[first], (list, tuple))
+    sizes = list(args[first]) if packed else args[first:]
+    if "shape" in node.kwargs or "size" in node.kwargs:
+        key = "shape" if "shape" in node.kwargs else "size"
+        sizes, packed = list(node.kwargs[key]), None
+    for i in range(len(sizes)):
+        new = _new_size(out, keep, i)
+        if new is not None and not (node.target in ("expand",) and sizes[i] == -1):
+            sizes[i] = new
+    if packed is None:
+        node.kwargs = {**node.kwargs, key: tuple(sizes)}
+    elif packed:
+        args[first] = tuple(sizes)
+        node.args = tuple(args)
+    else:
+        node.args = tuple(args[:first] + sizes)
+
+
+def _positions(x: Any, keep: np.ndarray, d: int) -> np.ndarray | None:
+    """new index of every old position along dim ``d`` (cumulative count of kept positions)."""
+    if not isinstance(x, Chan) or d not in x.dims:
+        return None
+    return np.concatenate([[0], np.cumsum(kept_mask(x, keep, d))])
+
+
+def _rewrite_split(node: fx.Node, x: Any, spec: TensorMeta, outs: list, keep: np.ndarray) -> None:
+    name = getattr(node.target, "__name__", node.target)
+    rank = len(spec.shape)
+    dim_pos = 1 if name == "narrow" else 2
+    raw = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", 0)
+    d = raw + rank if raw < 0 else raw
+    pos = _positions(x, keep, d)
+    if pos is None:
+        return
+    if name == "narrow":
+        start = node.args[2]
+        new_start, new_stop = pos[start], pos[start + outs[0].shape[d]]
+        node.args = (node.args[0], node.args[1], int(new_start), int(new_stop - new_start))
+        return
+    bounds = np.cumsum([0] + [o.shape[d] for o in outs])
+    sizes = [int(pos[hi] - pos[lo]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    target = "split" if node.op == "call_method" else torch.split
+    node.target = target
+    node.args = (node.args[0], sizes)
+    node.kwargs = {"dim": d}
+
+
+def _rewrite_getitem(node: fx.Node, x: Any, spec: TensorMeta, keep: np.ndarray) -> None:
+    idx = node.args[1]
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    rank = len(spec.shape)
+    consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
+    in_d, new_items = 0, []
+    for item in items:
+        if item is None:
+            new_items.append(item)
+            continue
+        if item is Ellipsis:
+            in_d += rank - consuming
+            new_items.append(item)
+            continue
+        pos = _positions(x, keep, in_d)
+        if pos is not None and isinstance(item, int):
+            old = item + spec.shape[in_d] if item < 0 else item
+            item = int(pos[old])
+        elif pos is not None and isinstance(item, slice):
+            start, stop, _ = item.indices(spec.shape[in_d])
+            item = slice(int(pos[start]), int(pos[max(stop, start)]), None)
+        new_items.append(item)
+        in_d += 1
+    node.args = (node.args[0], tuple(new_items) if isinstance(idx, tuple) else new_items[0])
+
+
+_SHAPE_FIRST_ARG = {"view": 1, "reshape": 1, "expand": 1, "unflatten": 2}
+
+
+def _rewrite_node(node: fx.Node, analysis: ChannelAnalysis, keep: np.ndarray) -> None:
+    out = analysis.states.get(node.name)
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    x = analysis.states.get(src.name) if src is not None else None
+    spec = src.meta.get(META_VALUE) if src is not None else None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in _SHAPE_FIRST_ARG and isinstance(out, Chan):
+        if name == "unflatten":
+            d = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+            d = d + len(spec.shape) if d < 0 else d
+            sizes = list(node.args[2])
+            for i in range(len(sizes)):
+                new = _new_size(out, keep, d + i)
+                sizes[i] = sizes[i] if new is None else new
+            node.args = (node.args[0], node.args[1], tuple(sizes))
+        else:
+            _rewrite_shape_args(node, out, keep, _SHAPE_FIRST_ARG[name])
+    elif name in ("split", "chunk", "tensor_split", "narrow") and isinstance(x, Chan):
+        outs = node.meta[META_VALUE]
+        _rewrite_split(node, x, spec, [outs] if name == "narrow" else list(outs), keep)
+    elif name == "getitem" and isinstance(x, Chan) and isinstance(spec, TensorMeta):
+        _rewrite_getitem(node, x, spec, keep)
+
+
+def prune_channels(graph: Graph, plan: ChannelPlan) -> fx.GraphModule:
+    """Build a smaller module that keeps, for every group in ``plan``, the listed units.
+
+    Parameters
+    ----------
+    graph : Graph
+        From ``compressc.trace``; neither it nor the traced model is modified.
+    plan : mapping of group id -> kept unit indices
+        Groups not in the plan keep every channel. Keeping all units of a group is the identity.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        Runs on the same inputs and returns outputs of the same shapes. Its outputs equal
+        ``masked_reference(graph, plan)``'s up to float rounding.
+
+    Raises
+    ------
+    InfeasiblePlanError (a ValueError)
+        The plan names a non-prunable or unknown group, indices out of range or repeated, keeps no
+        unit, or removes every channel of some tensor.
+    """
+    analysis = analyze_channels(graph)
+    keep = analysis.keep_slots(validate_plan(analysis, plan))
+    _check_nonempty(analysis, keep)
+    gm = copy.deepcopy(graph.module)
+    _slice_tensors(gm, analysis, keep)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            in_chan = analysis.states.get(src.name) if src is not None else None
+            spec = src.meta.get(META_VALUE) if src is not None else None
+            in_dim = (1 if len(spec.shape) > 1 else 0) if isinstance(spec, TensorMeta) else None
+            _fix_module(gm.get_submodule(node.target), in_chan, analysis.states.get(node.name), keep, in_dim)
+        elif node.op in ("call_function", "call_method"):
+            _rewrite_node(node, analysis, keep)
+    gm.recompile()
+    return gm
+
+
+# -- masked reference -----------------------------------------------------------------------------
+class _Masking(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, masks: dict[str, Any]) -> None:
+        super().__init__(gm)
+        self.masks = masks
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        mask = self.masks.get(n.name)
+        return result if mask is None else _apply(result, mask)
+
+
+def _apply(value: Any, mask: Any) -> Any:
+    if isinstance(mask, torch.Tensor) and isinstance(value, torch.Tensor):
+        masked = torch.where(mask, value, torch.zeros((), dtype=value.dtype))
+        return masked.contiguous() if value.is_contiguous() else masked  # views downstream need it
+    if isinstance(mask, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(value)(_apply(v, m) for v, m in zip(value, mask))
+    return value
+
+
+def _mask_for(state: Any, value: Any, keep: np.ndarray) -> Any:
+    if isinstance(state, Chan) and isinstance(value, TensorMeta):
+        kept = keep[state.slots]
+        order = np.argsort(state.dims)
+        shape = [1] * len(value.shape)
+        for d in state.dims:
+            shape[d] = value.shape[d]
+        return torch.as_tensor(np.transpose(kept, order).reshape(shape))
+    if isinstance(state, (tuple, list)) and isinstance(value, (tuple, list)):
+        return tuple(_mask_for(s, v, keep) for s, v in zip(state, value))
+    return None
+
+
+class _MaskedModule(nn.Module):
+    """A copy of the original module in eval mode, run node by node with the removed channels zeroed
+    after every node."""
+
+    def __init__(self, gm: fx.GraphModule, masks: dict[str, Any]) -> None:
+        super().__init__()
+        self.gm = gm
+        self.masks = masks
+
+    def forward(self, *args):
+        with torch.no_grad():
+            return _Masking(self.gm, self.masks).run(*args)
+
+
+def masked_reference(graph: Graph, plan: ChannelPlan) -> nn.Module:
+    """The original model (a copy, in eval mode) with every removed channel zeroed wherever it flows:
+    the semantics a pruned module must reproduce."""
+    analysis = analyze_channels(graph)
+    keep = analysis.keep_slots(validate_plan(analysis, plan))
+    masks = {}
+    for node in graph.module.graph.nodes:
+        mask = _mask_for(analysis.states.get(node.name), node.meta.get(META_VALUE), keep)
+        if mask is not None:
+            masks[node.name] = mask
+    return _MaskedModule(copy.deepcopy(graph.module).eval(), masks)
+
+
+@dataclass(frozen=True)
+class PruneChannelsPass:
+    """Pass form (``"prune-channels"``): the plan is the policy input, lowering does not decide."""
+
+    name: ClassVar[str] = "prune-channels"
+    plan: dict = field(default_factory=dict)
+
+    def apply(self, graph: Graph) -> fx.GraphModule:
+        return prune_channels(graph, self.plan)
