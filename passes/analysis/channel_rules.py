@@ -316,7 +316,7 @@ _SUMS = {torch.sum, "sum"}
 def _function_rule(ctx: WalkContext, node: fx.Node, kind: NodeKind) -> None:
     t = node.target
     if kind is K.SHAPE:
-        ctx.states[node.name] = None
+        ctx.states[node.name] = _size_dependence(ctx, node)
         return
     if kind is K.GETITEM:
         container = ctx.state(node.args[0])
@@ -426,6 +426,27 @@ def _freeze_param_args(ctx: WalkContext, node: fx.Node) -> None:
         st = ctx.state(a) if isinstance(a, fx.Node) else None
         if isinstance(st, ParamRef):
             ctx.opaque_param(st, node.name)
+
+
+def _size_dependence(ctx: WalkContext, node: fx.Node) -> Any:
+    """For Python values (sizes, shape arithmetic): whether they depend on a channel dim's size
+    (``True``), per dim for a whole size tuple. Lowering replaces such values where the size they
+    feed does not change."""
+    t = node.target
+    x = ctx.state(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    spec = ctx.value(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    if isinstance(spec, TensorMeta):
+        dims = set(x.dims) if isinstance(x, Chan) else set()
+        rank = len(spec.shape)
+        if t == "size" or (t is getattr and node.args[1] == "shape"):
+            d = _arg(node, 1, "dim") if t == "size" else None
+            return tuple(i in dims for i in range(rank)) if d is None else _norm(d, rank) in dims
+        return bool(dims)
+    if t is operator.getitem and isinstance(x, tuple):
+        picked = x[node.args[1]]
+        return any(picked) if isinstance(picked, tuple) else bool(picked)
+    flags = tree_flatten(ctx.state((node.args, node.kwargs)))[0]
+    return any(f is True for f in flags)
 
 
 # -- broadcasting element-wise ops --------------------------------------------------------------------

@@ -109,7 +109,7 @@ def _new_size(chan: Any, keep: np.ndarray, d: int) -> int | None:
     return int(kept_mask(chan, keep, d).sum()) if isinstance(chan, Chan) and d in chan.dims else None
 
 
-def _rewrite_shape_args(node: fx.Node, out: Any, keep: np.ndarray, first: int) -> None:
+def _rewrite_shape_args(node: fx.Node, out: Any, keep: np.ndarray, first: int, derived: dict) -> None:
     """view/reshape/expand: sizes from ``args[first:]`` (varargs or one sequence) at tracked dims."""
     args = list(node.args)
     packed = len(args) == first + 1 and isinstance(args[first], (list, tuple))
@@ -117,10 +117,13 @@ def _rewrite_shape_args(node: fx.Node, out: Any, keep: np.ndarray, first: int) -
     if "shape" in node.kwargs or "size" in node.kwargs:
         key = "shape" if "shape" in node.kwargs else "size"
         sizes, packed = list(node.kwargs[key]), None
+    out_shape = node.meta[META_VALUE].shape
     for i in range(len(sizes)):
         new = _new_size(out, keep, i)
         if new is not None and not (node.target in ("expand",) and sizes[i] == -1):
             sizes[i] = new
+        elif new is None and isinstance(sizes[i], fx.Node) and derived.get(sizes[i].name) is True:
+            sizes[i] = out_shape[i]  # computed from a channel count, but this dim keeps its size
     if packed is None:
         node.kwargs = {**node.kwargs, key: tuple(sizes)}
     elif packed:
@@ -194,7 +197,9 @@ def _rewrite_node(node: fx.Node, analysis: ChannelAnalysis, keep: np.ndarray) ->
     x = analysis.states.get(src.name) if src is not None else None
     spec = src.meta.get(META_VALUE) if src is not None else None
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if name in _SHAPE_FIRST_ARG and isinstance(out, Chan):
+    if name in ("view", "reshape", "expand") and not isinstance(out, Chan) and isinstance(x, Chan):
+        _rewrite_shape_args(node, out, keep, 1, analysis.states)  # channel-derived sizes of kept dims
+    elif name in _SHAPE_FIRST_ARG and isinstance(out, Chan):
         if name == "unflatten":
             d = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
             d = d + len(spec.shape) if d < 0 else d
@@ -204,7 +209,7 @@ def _rewrite_node(node: fx.Node, analysis: ChannelAnalysis, keep: np.ndarray) ->
                 sizes[i] = sizes[i] if new is None else new
             node.args = (node.args[0], node.args[1], tuple(sizes))
         else:
-            _rewrite_shape_args(node, out, keep, _SHAPE_FIRST_ARG[name])
+            _rewrite_shape_args(node, out, keep, _SHAPE_FIRST_ARG[name], analysis.states)
     elif name in ("split", "chunk", "tensor_split", "narrow") and isinstance(x, Chan):
         outs = node.meta[META_VALUE]
         _rewrite_split(node, x, spec, [outs] if name == "narrow" else list(outs), keep)
