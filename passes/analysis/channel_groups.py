@@ -37,6 +37,7 @@ from scipy.sparse.csgraph import connected_components
 
 from compressc.errors import PassPreconditionError
 from compressc.ir import META_INFO, META_VALUE, Graph
+from compressc.perf import gc_paused
 
 __all__ = [
     "ChannelGroup",
@@ -367,14 +368,15 @@ def analyze_channels(graph: Graph) -> ChannelAnalysis:
     from compressc.passes.analysis.channel_rules import propagate
 
     ctx = WalkContext(graph)
-    for node in graph.module.graph.nodes:
-        if META_INFO not in node.meta or META_VALUE not in node.meta and node.op != "output":
-            raise PassPreconditionError(
-                f"node {node.name!r} has no recorded shapes: build the graph with compressc.trace() "
-                "before running the channel-groups analysis"
-            )
-        propagate(ctx, node)
-    analysis = _finish(ctx)
+    with gc_paused():
+        for node in graph.module.graph.nodes:
+            if META_INFO not in node.meta or META_VALUE not in node.meta and node.op != "output":
+                raise PassPreconditionError(
+                    f"node {node.name!r} has no recorded shapes: build the graph with compressc.trace() "
+                    "before running the channel-groups analysis"
+                )
+            propagate(ctx, node)
+        analysis = _finish(ctx)
     for w in analysis.warnings:
         warnings.warn(f"{w.node}: {w.reason}; its channels are kept", ChannelAnalysisWarning, stacklevel=3)
     graph.__dict__[_CACHE_KEY] = analysis
