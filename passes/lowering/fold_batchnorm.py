@@ -1,0 +1,95 @@
+"""Lowering pass ``fold-batchnorm``: fold inference BatchNorm into the conv or linear before it.
+
+``y = gamma * (W x + b - mean) / sqrt(var + eps) + beta`` is again an affine layer, so the
+BatchNorm disappears and its statistics stop costing bytes in the artifact. A BatchNorm is folded when
+its input is a ``Conv*d`` (not transposed) or ``Linear`` call whose output feeds nothing else and the
+BatchNorm normalises that layer's output channels. The input module is never modified.
+
+Precondition: a ``torch.fx.GraphModule`` (e.g. from ``compressc.prune_channels``) meant for inference:
+folding uses the running statistics, which is what eval mode computes.
+
+>>> import torch, torch.nn as nn
+>>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+>>> net[1].running_mean.uniform_(-1, 1); net[1].running_var.uniform_(0.5, 2)   # doctest: +ELLIPSIS
+tensor(...)
+tensor(...)
+>>> folded = fold_batchnorm(torch.fx.symbolic_trace(net))
+>>> [type(m).__name__ for m in folded.children()]
+['Conv2d', 'ReLU']
+>>> x = torch.randn(1, 3, 5, 5)
+>>> torch.allclose(folded(x), net(x), atol=1e-6)
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from compressc.ir import META_VALUE
+
+__all__ = ["fold_batchnorm", "FoldBatchNormPass"]
+
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = gamma / std
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        layer.weight.copy_(layer.weight * factor.reshape(shape))
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor + beta
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias.clone())
+        else:
+            layer.bias.copy_(new_bias)
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with every foldable BatchNorm folded into the layer before it."""
+    gm = copy.deepcopy(gm)
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        bn = modules[node.target]
+        src = node.args[0] if node.args else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1):
+            continue
+        layer = modules.get(src.target)
+        if not isinstance(layer, _FOLDABLE) or bn.track_running_stats is False or bn.running_mean is None:
+            continue
+        if isinstance(layer, nn.Linear):
+            value = node.meta.get(META_VALUE)  # BatchNorm1d normalises dim 1: the features only for (N, F)
+            if layer.out_features != bn.num_features or value is None or len(value.shape) != 2:
+                continue
+        elif layer.out_channels != bn.num_features:
+            continue
+        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) > 1:
+            continue  # a shared layer would change at its other call sites too
+        _fold_into(layer, bn)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+@dataclass(frozen=True)
+class FoldBatchNormPass:
+    """Pass form (``"fold-batchnorm"``)."""
+
+    name: ClassVar[str] = "fold-batchnorm"
+
+    def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
+        return fold_batchnorm(gm)

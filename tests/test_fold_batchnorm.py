@@ -1,0 +1,48 @@
+"""fold-batchnorm: folded modules compute what the originals compute in eval mode."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import compressc
+from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
+
+from .models import REFERENCE_MODELS
+
+
+def _randomise_stats(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", ["vgg_bn", "resnet_basic", "resnet_bottleneck", "mobilenet_v2", "densenet", "conv1d_net"])
+def test_folding_keeps_outputs_and_removes_batchnorms(name):
+    model, inputs = REFERENCE_MODELS[name]()
+    _randomise_stats(model)
+    gm = compressc.trace(model, inputs).module
+    folded = fold_batchnorm(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+    before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
+    after = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert before > 0 and after < before
+    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules()) == before  # input untouched
+
+
+def test_batchnorm_after_a_layer_with_two_users_is_left_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    net = _randomise_stats(Net().eval())
+    folded = fold_batchnorm(compressc.trace(net, (torch.randn(1, 2, 3, 3),)).module)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
