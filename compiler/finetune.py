@@ -1,0 +1,488 @@
+"""Fine-tuning a lowered model against the original with knowledge distillation (Hinton et al., 2015).
+
+The student (the lowered copy, possibly fake-quantized through parametrizations, which makes the
+loop quantization-aware) is trained in place; the teacher (the original) only runs forward, in eval
+mode and without gradients, and comes back bit-identical. Each batch costs
+
+    loss = w * soft(student, teacher) + (1 - w) * loss_fn(student_out, targets)
+
+with ``w = distill_weight``; see :func:`distillation_loss` for the soft term and docs/finetune.md.
+
+>>> import copy, torch
+>>> from torch import nn
+>>> g = torch.Generator().manual_seed(0)
+>>> teacher = nn.Linear(4, 3)
+>>> student = copy.deepcopy(teacher)  # the lowered model, in the compiler
+>>> data = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+>>> report = finetune(student, teacher, data, FinetuneConfig(epochs=2), progress=False)
+>>> len(report.losses), report.best_epoch, report.accuracies is None
+(2, 2, True)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from compressc.errors import UserError
+
+__all__ = ["FinetuneConfig", "FinetuneReport", "distillation_loss", "finetune", "split_batch"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+_INPUT_KEYS = ("input", "inputs")
+_TARGET_KEYS = ("target", "targets", "label", "labels")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Options of :func:`finetune`; invalid values raise ``UserError`` naming the option.
+
+    ``distill_weight`` weighs the soft (teacher) term, the hard loss gets ``1 - distill_weight``:
+    0 is plain fine-tuning, 1 pure distillation. ``soft_loss`` picks the soft term per output:
+    ``"auto"`` (KL on logits, MSE otherwise; see :func:`distillation_loss`), ``"kl"`` or ``"mse"``.
+    ``optimizer="adam"`` is AdamW (decoupled weight decay; plain Adam when ``weight_decay=0``),
+    ``"sgd"`` is SGD with momentum 0.9. The learning rate is constant. ``batches_per_epoch`` caps the
+    batches drawn per epoch (needed for an endless ``train_loader``), ``grad_clip`` the gradient norm.
+    """
+
+    epochs: int
+    lr: float = 1e-3
+    temperature: float = 4.0
+    distill_weight: float = 0.7
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    batches_per_epoch: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    grad_clip: float | None = 5.0
+    soft_loss: Literal["auto", "kl", "mse"] = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(option: str, rule: str) -> UserError:
+            return UserError(f"fine-tuning option {option} must be {rule}, got {getattr(self, option)!r}")
+
+        def number(value: Any) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not (isinstance(self.epochs, int) and not isinstance(self.epochs, bool) and self.epochs >= 0):
+            raise bad("epochs", "an integer >= 0 (0 skips fine-tuning)")
+        if not (number(self.lr) and self.lr > 0):
+            raise bad("lr", "a positive number")
+        if not (number(self.temperature) and self.temperature > 0):
+            raise bad("temperature", "a positive number")
+        if not (number(self.distill_weight) and 0 <= self.distill_weight <= 1):
+            raise bad("distill_weight", "in [0, 1] (0: plain fine-tuning, 1: pure distillation)")
+        if self.optimizer not in ("adam", "sgd"):
+            raise bad("optimizer", "'adam' or 'sgd'")
+        if not (number(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", "a number >= 0")
+        if self.batches_per_epoch is not None and not (
+            isinstance(self.batches_per_epoch, int) and not isinstance(self.batches_per_epoch, bool)
+            and self.batches_per_epoch >= 1
+        ):
+            raise bad("batches_per_epoch", "an integer >= 1 or None (no cap)")
+        if self.grad_clip is not None and not (number(self.grad_clip) and self.grad_clip > 0):
+            raise bad("grad_clip", "a positive number or None (no clipping)")
+        if self.soft_loss not in ("auto", "kl", "mse"):
+            raise bad("soft_loss", "'auto', 'kl' or 'mse'")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise bad("device", "a torch device such as 'cpu' or 'cuda:0'") from err
+
+
+@dataclass(frozen=True)
+class FinetuneReport:
+    """What :func:`finetune` did.
+
+    ``losses[i]`` is the mean batch loss of epoch ``i + 1`` and ``batches[i]`` how many batches it drew.
+    With ``evaluate``, ``accuracy_before`` is the score before training and ``accuracies[i]`` the score
+    after epoch ``i + 1`` (otherwise both are None). ``best_epoch`` is the epoch whose weights the
+    student holds at the end: 0 means the weights it came with, and it is ``len(losses)`` without
+    ``evaluate``.
+    """
+
+    losses: tuple[float, ...]
+    batches: tuple[int, ...]
+    accuracies: tuple[float, ...] | None
+    accuracy_before: float | None
+    best_epoch: int
+    seconds: float
+
+    @property
+    def best_accuracy(self) -> float | None:
+        """The score of the weights kept (``None`` without ``evaluate``)."""
+        if self.accuracies is None:
+            return None
+        return self.accuracy_before if self.best_epoch == 0 else self.accuracies[self.best_epoch - 1]
+
+
+# -- the loss ------------------------------------------------------------------------------------
+def _leaves(out: Any) -> list[Any]:
+    """Tensors of a model output in a fixed order: a tensor, or tuples / lists / dicts of them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [leaf for v in out.values() for leaf in _leaves(v)]
+    if isinstance(out, (tuple, list)):
+        return [leaf for v in out for leaf in _leaves(v)]
+    return []
+
+
+def _is_logits(t: torch.Tensor) -> bool:
+    """Class logits, by ``F.cross_entropy``'s convention: classes along dim 1, more than one of them."""
+    return t.dim() >= 2 and t.shape[1] > 1
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` over dim 1, averaged over every other position."""
+    c = student.shape[1]
+    s = student.movedim(1, -1).reshape(-1, c) / temperature
+    t = teacher.movedim(1, -1).reshape(-1, c) / temperature
+    kl = F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def _soft_loss(student_out: Any, teacher_out: Any, temperature: float, mode: str) -> torch.Tensor:
+    student_leaves, teacher_leaves = _leaves(student_out), _leaves(teacher_out)
+    if len(student_leaves) != len(teacher_leaves):
+        raise UserError(
+            f"the student returns {len(student_leaves)} tensor(s) but the teacher {len(teacher_leaves)}: "
+            "distillation needs outputs of the same structure"
+        )
+    if not any(s.is_floating_point() for s in student_leaves):
+        raise UserError(
+            f"the student returns no floating-point tensor (got {type(student_out).__name__}): nothing to distil",
+            hint="the model's forward must return logits or other float outputs (a tensor, tuple or dict of them)",
+        )
+    total = 0.0
+    for i, (s, t) in enumerate(zip(student_leaves, teacher_leaves)):
+        if not s.is_floating_point():  # indices, counts: nothing to match
+            continue
+        if s.shape != t.shape:
+            raise UserError(
+                f"student output {i} has shape {tuple(s.shape)} but the teacher's has {tuple(t.shape)}: "
+                "distillation needs outputs of equal shapes"
+            )
+        if mode == "kl" and not _is_logits(s):
+            raise UserError(
+                f"soft_loss='kl' needs class logits (classes along dim 1, at least 2), "
+                f"but output {i} has shape {tuple(s.shape)}",
+                hint="use soft_loss='mse' (or 'auto') for outputs that are not class logits",
+            )
+        t = t.detach().to(s.dtype)
+        use_kl = mode == "kl" or (mode == "auto" and _is_logits(s))
+        total = total + (_kl(s, t, temperature) if use_kl else F.mse_loss(s, t))
+    return total
+
+
+def _default_loss(outputs: Any, targets: Any) -> torch.Tensor:
+    if not isinstance(outputs, torch.Tensor):
+        raise UserError(
+            f"the model returns a {type(outputs).__name__}, and the default loss (cross-entropy) "
+            "needs a single logits tensor",
+            hint="define loss_fn(outputs, targets) in the model file (or pass loss_fn=...)",
+        )
+    return F.cross_entropy(outputs, targets)
+
+
+def distillation_loss(
+    student_out: Any,
+    teacher_out: Any,
+    targets: Any,
+    loss_fn: LossFn | None = None,
+    temperature: float = 4.0,
+    distill_weight: float = 0.7,
+    *,
+    soft_loss: Literal["auto", "kl", "mse"] = "auto",
+) -> torch.Tensor:
+    """``w * soft + (1 - w) * loss_fn(student_out, targets)``, or ``soft`` alone when ``targets`` is None.
+
+    The soft term sums, over the floating-point tensors of the outputs (a tensor, or tuples / lists /
+    dicts of tensors, matched in order), one term each:
+
+    - **class logits** -- at least 2 dims, more than one class along dim 1, the layout
+      ``F.cross_entropy`` reads (``(N, C)``, or ``(N, C, H, W)`` for dense prediction): Hinton's
+      ``T^2 * KL(softmax(t/T) || softmax(s/T))`` over dim 1, averaged over the batch (and positions);
+    - anything else (a regression output ``(N, 1)``, a vector ``(N,)``): ``mse(s, t)``.
+
+    ``soft_loss="kl"`` or ``"mse"`` forces one term for every output. The hard loss defaults to
+    cross-entropy. ``w = distill_weight``; the teacher's outputs never receive gradients.
+
+    >>> s = torch.tensor([[1.0, 2.0, 3.0]])
+    >>> round(distillation_loss(s, s, None).item(), 6)  # student = teacher: no soft loss
+    0.0
+    >>> t = torch.tensor([[3.0, 1.0, 0.0]])
+    >>> round(distillation_loss(s, t, torch.tensor([2]), temperature=1.0, distill_weight=0.0).item(), 4)
+    0.4076
+    """
+    if targets is None and distill_weight == 0:
+        raise UserError(
+            "plain fine-tuning (distill_weight=0) needs targets, but the batch holds inputs only",
+            hint="give train_loader (inputs, targets) batches, or distil from the teacher (distill_weight > 0)",
+        )
+    if targets is None or distill_weight == 1:
+        return _soft_loss(student_out, teacher_out, temperature, soft_loss)
+    hard = (loss_fn or _default_loss)(student_out, targets)
+    if not (isinstance(hard, torch.Tensor) and hard.numel() == 1):
+        got = f"a tensor of shape {tuple(hard.shape)}" if isinstance(hard, torch.Tensor) else type(hard).__name__
+        raise UserError(f"loss_fn(outputs, targets) returned {got}; it must return a scalar tensor")
+    hard = hard.reshape(())
+    if distill_weight == 0:
+        return hard
+    soft = _soft_loss(student_out, teacher_out, temperature, soft_loss)
+    return distill_weight * soft + (1 - distill_weight) * hard
+
+
+# -- batches -------------------------------------------------------------------------------------
+def _batch_error(batch: Any, why: str) -> UserError:
+    if isinstance(batch, torch.Tensor):
+        got = f"a tensor of shape {tuple(batch.shape)}"
+    elif isinstance(batch, Mapping):
+        got = f"a dict with keys {sorted(map(str, batch))}"
+    elif isinstance(batch, (tuple, list)):
+        got = f"a {type(batch).__name__} of {len(batch)} items ({', '.join(type(b).__name__ for b in batch)})"
+    else:
+        got = f"a {type(batch).__name__}"
+    return UserError(
+        f"train_loader yielded {got}: {why}",
+        hint="yield (inputs, targets), (inputs,), a bare inputs tensor, or a dict with 'input(s)' and "
+        "'target(s)'/'label(s)'; several model inputs go in a tuple: ((x1, x2), targets)",
+    )
+
+
+def _as_args(inputs: Any, batch: Any) -> tuple:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(x, torch.Tensor) for x in inputs):
+        return tuple(inputs)
+    raise _batch_error(batch, f"the inputs must be a tensor or a tuple of tensors, not {type(inputs).__name__}")
+
+
+def split_batch(batch: Any) -> tuple[tuple, Any]:
+    """``(model positional args, targets or None)`` of one ``train_loader`` batch.
+
+    >>> x, y = torch.zeros(2, 3), torch.zeros(2)
+    >>> [len(split_batch(b)[0]) for b in (x, (x,), [x, y], ((x, x), y), {"inputs": x, "labels": y})]
+    [1, 1, 1, 2, 1]
+    >>> split_batch(x)[1] is None, split_batch({"input": x, "target": y})[1] is y
+    (True, True)
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,), None
+    if isinstance(batch, Mapping):
+        inputs = [k for k in _INPUT_KEYS if k in batch]
+        targets = [k for k in _TARGET_KEYS if k in batch]
+        if len(inputs) != 1 or len(targets) > 1:
+            raise _batch_error(batch, "expected exactly one of the keys 'input'/'inputs' and at most one target key")
+        return _as_args(batch[inputs[0]], batch), batch[targets[0]] if targets else None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
+        return _as_args(batch[0], batch), batch[1] if len(batch) == 2 else None
+    raise _batch_error(batch, "expected (inputs, targets) or (inputs,)")
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        moved = [_to(v, device) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else type(value)(moved)  # namedtuples too
+    return value
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def _console() -> Console:
+    """Where the progress bar goes (stderr); tests swap it for a terminal that writes to a buffer."""
+    return Console(stderr=True)
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    """The one device a module's tensors live on; None if it has none or spans several."""
+    devices = {t.device for t in itertools.chain(module.parameters(), module.buffers())}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _score(evaluate: Callable[[nn.Module], Any], student: nn.Module, home: torch.device | None, when: str) -> float:
+    """``evaluate(student)`` checked, run in eval mode, without grad, on the device the student came on
+    (the user's ``evaluate`` was written for the model where it lives)."""
+    device = _device_of(student)
+    student.eval()
+    try:
+        with torch.no_grad():
+            value = evaluate(student if home is None else student.to(home))
+    finally:
+        student.train()
+        if device is not None:
+            student.to(device)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserError(
+            f"evaluate(model) returned {type(value).__name__} {value!r} {when}; it must return a number "
+            "(higher is better, e.g. accuracy in [0, 1])"
+        )
+    if not math.isfinite(value):
+        raise UserError(
+            f"evaluate(model) returned {value} {when}; it must return a finite number",
+            hint="check evaluate for a division by zero or an empty evaluation set",
+        )
+    return float(value)
+
+
+def _optimizer(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _epoch_total(train_loader: Iterable, cap: int | None) -> int | None:
+    try:
+        n = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        return cap
+    return n if cap is None else min(n, cap)
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_loader: Iterable,
+    config: FinetuneConfig,
+    *,
+    loss_fn: LossFn | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    progress: bool = True,
+) -> FinetuneReport:
+    """Train ``student`` in place to match ``teacher`` (and the targets) on ``train_loader``.
+
+    Torch's random generators are seeded with ``config.seed`` inside a fork, so runs repeat exactly
+    (a loader shuffling with the global generator included) and the caller's random state is left as
+    it was. Both models run on ``config.device`` and go back to the device and train/eval mode they
+    came in. The teacher runs in eval mode under ``no_grad``; its parameters, buffers and flags are
+    never written. With ``evaluate``, the student is scored before training and after each epoch (in
+    eval mode, under ``no_grad``, on the device it came on), and ends holding the weights of the best
+    score (ties go to the later epoch; the starting weights when no epoch beat them). A rich progress
+    bar (one line per epoch) goes to stderr when it is a terminal and ``progress`` is true; nothing is
+    ever written to stdout.
+
+    Raises ``UserError`` on an empty loader, a batch of unknown shape, a non-finite loss (naming the
+    epoch and batch) and an ``evaluate`` that returns a non-number or a non-finite number.
+    """
+    if student is teacher or {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}:
+        raise UserError(
+            "the student shares parameters with the teacher, so training it would change the teacher",
+            hint="fine-tune a copy: finetune(copy.deepcopy(model), model, ...)",
+        )
+    start = time.perf_counter()
+    if config.epochs == 0:
+        return FinetuneReport((), (), None, None, 0, time.perf_counter() - start)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the student has no parameter that requires grad: there is nothing to fine-tune")
+    device = torch.device(config.device)
+    homes = (_device_of(student), _device_of(teacher))
+    modes = (student.training, teacher.training)
+    rng_devices = [] if device.type == "cpu" else [device.index or 0]
+    console = _console()
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(), console=console, disable=not (progress and console.is_terminal),
+        redirect_stdout=False, redirect_stderr=False,
+    )
+    try:
+        with torch.random.fork_rng(devices=rng_devices, device_type=device.type), torch.enable_grad(), bar:
+            torch.manual_seed(config.seed)
+            student.to(device).train()
+            teacher.eval()
+            if config.distill_weight > 0:  # plain fine-tuning never runs the teacher
+                teacher.to(device)
+            report = _train(student, teacher, train_loader, config, params, loss_fn, evaluate, bar, device, homes[0])
+    finally:
+        for module, home, mode in zip((student, teacher), homes, modes):
+            if home is not None:
+                module.to(home)
+            module.train(mode)
+    return FinetuneReport(**report, seconds=time.perf_counter() - start)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the weights (and buffers, parametrization originals included), kept on the CPU so that
+    the best epoch does not double the model's accelerator memory."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _loss(student, teacher, batch, config: FinetuneConfig, loss_fn, device) -> torch.Tensor:
+    args, targets = split_batch(batch)
+    args, targets = _to(args, device), _to(targets, device)
+    out = student(*args)
+    teacher_out = None
+    if config.distill_weight > 0:
+        with torch.no_grad():
+            teacher_out = teacher(*args)
+    return distillation_loss(out, teacher_out, targets, loss_fn, config.temperature, config.distill_weight,
+                             soft_loss=config.soft_loss)
+
+
+def _epoch(student, teacher, train_loader, config, epoch, optimizer, params, loss_fn, device, bar, task):
+    """Train one epoch; ``(mean batch loss, batches drawn)``."""
+    running, n = 0.0, 0
+    for n, batch in enumerate(itertools.islice(train_loader, config.batches_per_epoch), start=1):
+        loss = _loss(student, teacher, batch, config, loss_fn, device)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise UserError(
+                f"the fine-tuning loss became {value} at epoch {epoch}, batch {n}",
+                hint=f"lower the learning rate (lr={config.lr:g}; try {config.lr / 10:g}) or keep grad_clip on",
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        running += value
+        bar.update(task, advance=1, loss=f"{running / n:.4f}")
+    return running / max(n, 1), n
+
+
+def _train(student, teacher, train_loader, config, params, loss_fn, evaluate, bar, device, home) -> dict[str, Any]:
+    optimizer = _optimizer(params, config)
+    total = _epoch_total(train_loader, config.batches_per_epoch)
+    before = best_score = None if evaluate is None else _score(evaluate, student, home, "before fine-tuning")
+    best_epoch, best_state = (config.epochs, None) if evaluate is None else (0, _snapshot(student))
+    losses, counts, scores = [], [], []
+    for epoch in range(1, config.epochs + 1):
+        task = bar.add_task(f"epoch {epoch}/{config.epochs}", total=total, loss="-")
+        loss, n = _epoch(student, teacher, train_loader, config, epoch, optimizer, params, loss_fn, device, bar, task)
+        if n == 0 and epoch == 1:
+            raise UserError("train_loader yielded no batches",
+                            hint="check that the data set is not empty and drop_last does not drop its only batch")
+        if n == 0:
+            raise UserError(
+                f"train_loader yielded no batches in epoch {epoch} (it yielded {counts[0]} in epoch 1)",
+                hint="it is probably a one-shot iterator (a generator): make it a list or a DataLoader",
+            )
+        losses.append(loss)
+        counts.append(n)
+        bar.update(task, total=n)
+        if evaluate is not None:
+            scores.append(_score(evaluate, student, home, f"after epoch {epoch}"))
+            bar.update(task, description=f"epoch {epoch}/{config.epochs} · score {scores[-1]:.4f}")
+            if scores[-1] >= best_score:  # ties: the later epoch, closer to the teacher
+                best_score, best_epoch, best_state = scores[-1], epoch, _snapshot(student)
+    if best_state is not None and best_epoch != config.epochs:
+        student.load_state_dict(best_state)
+    return dict(losses=tuple(losses), batches=tuple(counts), accuracies=None if evaluate is None else tuple(scores),
+                accuracy_before=before, best_epoch=best_epoch)
