@@ -1,0 +1,527 @@
+"""Per-layer weight quantizers: a float tensor -> integer codes plus what it takes to decode them.
+
+A ``QuantSpec`` says how one tensor is stored (bits, scheme, per-channel or per-tensor scales);
+``quantize`` fits that quantizer to a weight and returns a ``QuantizedTensor`` holding exactly what
+the weights file stores; ``dequantize`` decodes it. Decoding is, broadcast along ``channel_dim``:
+
+- ``symmetric``:  ``(codes - 2**(bits-1)) * scale``
+- ``asymmetric``: ``(codes - zero_point) * scale``
+- ``codebook``:   ``codebook[codes]`` (one k-means codebook per tensor, as in Deep Compression)
+- 16 / 32 bits:   no codes, ``values`` stored as float16 / float32 (scheme ``"float"``)
+
+Zero is exactly representable: the symmetric zero code, the integer zero point, or (codebook, with
+``include_zero`` or a mask) a centroid pinned at 0.0; so the weights a ``mask`` removes are stored as
+exact zeros. docs/quantization.md has the details.
+
+>>> import torch
+>>> w = torch.tensor([[-1.0, -0.25, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+>>> q = quantize(w, QuantSpec(bits=3, clip_search=False, scale_dtype="float32"))
+>>> q.codes
+array([[1, 3, 4, 6],
+       [4, 4, 4, 4]], dtype=uint8)
+>>> q.scale                      # 2 * max|w| / (2**bits - 1); an all-zero channel gets scale 1
+array([0.2857143, 1.       ], dtype=float32)
+>>> dequantize(q)[0]
+tensor([-0.8571, -0.2857,  0.0000,  0.5714])
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from compressc.errors import UserError
+
+__all__ = ["QuantSpec", "QuantizedTensor", "QuantizationError", "quantize", "dequantize", "CLIP_ALPHAS"]
+
+SCHEMES = ("symmetric", "asymmetric", "codebook")
+FLOAT_BITS = (16, 32)
+VALID_BITS = tuple(range(1, 9)) + FLOAT_BITS
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+#: Clipping ranges tried per channel, as fractions of the full range; 1.0 (no clipping) comes first
+#: so that a tie keeps the unclipped range.
+CLIP_ALPHAS = tuple(1.0 - 0.025 * i for i in range(21))
+#: Lloyd iterations of the codebook k-means (it stops earlier once the centroids no longer move).
+KMEANS_MAX_ITERS = 50
+_BLOCK = 1 << 17  # elements per block of the clipping search: a block stays in cache for every alpha
+
+_F64 = torch.float64
+
+
+class QuantizationError(UserError):
+    """A weight cannot be quantized as asked (NaN/Inf values, a bad spec, a scale out of range)."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Parameters
+    ----------
+    bits : 1..8 (integer codes), 16 or 32 (stored as float16 / float32, ``scheme`` ignored).
+    scheme : ``"symmetric"`` (zero code ``2**(bits-1)``), ``"asymmetric"`` (integer zero point per
+        channel) or ``"codebook"`` (k-means centroids, one codebook per tensor).
+    channel_dim : the dim with one scale per index (per output channel), or ``None`` for one scale per
+        tensor. Ignored by ``codebook``; a 0-d tensor is always per-tensor.
+    clip_search : search a clipping range per channel that minimises the squared error.
+    scale_dtype : ``"float16"`` or ``"float32"``: scales are rounded *up* to values of this dtype.
+    include_zero : ``codebook`` only: pin one centroid at exactly 0.0 (forced when a mask is given).
+
+    >>> QuantSpec(bits=4, scheme="asymmetric", channel_dim=None).scale_dtype
+    'float16'
+    >>> try:
+    ...     QuantSpec(bits=4, scheme="asymetric")
+    ... except QuantizationError as e:
+    ...     print(e)
+    unknown quantization scheme 'asymetric'; known: symmetric, asymmetric, codebook
+      hint: did you mean 'asymmetric'?
+    """
+
+    bits: int
+    scheme: str = "symmetric"
+    channel_dim: int | None = 0
+    clip_search: bool = True
+    scale_dtype: str = "float16"
+    include_zero: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in VALID_BITS:
+            raise QuantizationError(
+                f"bits={self.bits!r} is not a supported bit-width",
+                hint="use an integer from 1 to 8 (integer codes), or 16 / 32 to keep the tensor in float",
+            )
+        if self.scheme not in SCHEMES:
+            close = difflib.get_close_matches(str(self.scheme), SCHEMES, n=1)
+            raise QuantizationError(
+                f"unknown quantization scheme {self.scheme!r}; known: {', '.join(SCHEMES)}",
+                hint=f"did you mean {close[0]!r}?" if close else None,
+            )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise QuantizationError(
+                f"scale_dtype={self.scale_dtype!r} is not supported", hint="use 'float16' or 'float32'"
+            )
+        cd = self.channel_dim
+        if cd is not None and (isinstance(cd, bool) or not isinstance(cd, int)):
+            raise QuantizationError(
+                f"channel_dim={self.channel_dim!r} must be an int or None", hint="None means one scale per tensor"
+            )
+
+    @property
+    def is_float(self) -> bool:
+        """True for 16 / 32 bits: the tensor is stored as floats, not codes."""
+        return self.bits in FLOAT_BITS
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """Exactly what the weights file stores for one tensor; the arrays are read-only.
+
+    ``codes``: uint8 of ``shape``, each < ``2**bits`` (< ``len(codebook)`` for codebook).
+    ``scale``: float32 of shape ``(shape[channel_dim],)`` or ``(1,)`` per tensor; every value is exactly
+    representable in ``scale_dtype``. ``zero_point``: uint8 like ``scale`` (asymmetric only).
+    ``codebook``: float32, sorted, 1 to ``2**bits`` distinct entries. ``values``: float16 / float32 of
+    ``shape`` (scheme ``"float"`` only). ``__post_init__`` checks all of this (``ValueError``).
+
+    >>> import torch
+    >>> q = quantize(torch.tensor([0.5, -1.0]), QuantSpec(bits=16))
+    >>> q.scheme, q.codes, q.values
+    ('float', None, array([ 0.5, -1. ], dtype=float16))
+    """
+
+    shape: tuple[int, ...]
+    bits: int
+    scheme: str
+    codes: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    zero_point: np.ndarray | None = None
+    codebook: np.ndarray | None = None
+    values: np.ndarray | None = None
+    channel_dim: int | None = None
+    scale_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        _check_quantized(self)
+        for a in (self.codes, self.scale, self.zero_point, self.codebook, self.values):
+            if a is not None:
+                a.flags.writeable = False
+
+    @property
+    def zero_code(self) -> np.ndarray | int | None:
+        """The code(s) that decode to exactly 0.0 (per channel for asymmetric; None if there is none)."""
+        if self.scheme == "symmetric":
+            return 1 << (self.bits - 1)
+        if self.scheme == "asymmetric":
+            return self.zero_point
+        if self.scheme == "codebook":
+            hit = np.flatnonzero(self.codebook == 0)
+            return int(hit[0]) if hit.size else None
+        return None
+
+
+def _check_quantized(q: QuantizedTensor) -> None:
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"invalid QuantizedTensor (scheme {q.scheme!r}, shape {q.shape}): {what}")
+
+    def arr(a, dtype, shape=None) -> bool:
+        return isinstance(a, np.ndarray) and a.dtype == dtype and (shape is None or a.shape == shape)
+
+    def below(a: np.ndarray, n: int) -> bool:
+        return a.size == 0 or int(a.max()) < n
+
+    need(q.bits in VALID_BITS, f"bits={q.bits} not in {VALID_BITS}")
+    if q.scheme == "float":
+        dtype = np.float16 if q.bits == 16 else np.float32
+        need(q.bits in FLOAT_BITS and arr(q.values, dtype, q.shape), f"values must be {dtype.__name__} of its shape")
+        need(q.codes is None and q.scale is None and q.codebook is None, "a float tensor has no codes/scale/codebook")
+        return
+    need(q.bits <= 8 and q.scheme in SCHEMES, "scheme must be symmetric/asymmetric/codebook (bits 1..8) or float")
+    need(arr(q.codes, np.uint8, q.shape), "codes must be uint8 with the tensor's shape")
+    need(q.values is None, "only float tensors have values")
+    if q.scheme == "codebook":
+        cb = q.codebook
+        need(arr(cb, np.float32) and cb.ndim == 1 and 1 <= cb.size <= 1 << q.bits, "codebook: 1-D float32, 1..2**bits")
+        need(bool(np.all(np.diff(cb) > 0)), "codebook entries must be sorted and distinct")
+        need(below(q.codes, cb.size), "codes must index the codebook")
+        return
+    need(q.channel_dim is None or 0 <= q.channel_dim < len(q.shape), f"channel_dim={q.channel_dim} out of range")
+    need(q.scale_dtype in SCALE_DTYPES, f"scale_dtype must be one of {list(SCALE_DTYPES)}")
+    n = 1 if q.channel_dim is None else q.shape[q.channel_dim]
+    need(arr(q.scale, np.float32, (n,)), f"scale must be float32 of shape ({n},)")
+    need(bool(np.all(np.isfinite(q.scale) & (q.scale > 0))), "scales must be finite and positive")
+    exact = q.scale.astype(q.scale_dtype).astype(np.float32)
+    need(bool(np.array_equal(exact, q.scale)), f"scales must be exactly representable in {q.scale_dtype}")
+    if q.scheme == "asymmetric":
+        need(arr(q.zero_point, np.uint8, (n,)) and below(q.zero_point, 1 << q.bits), f"zero_point: uint8 ({n},)")
+    else:
+        need(q.zero_point is None, "symmetric has no stored zero_point (it is 2**(bits-1))")
+    need(below(q.codes, 1 << q.bits), "codes must be < 2**bits")
+
+
+# -- layout: any tensor <-> rows (one per channel) -------------------------------------------------
+def _rows(t: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+    if channel_dim is None:
+        return t.reshape(1, -1)
+    n = t.shape[channel_dim]
+    rest = math.prod(t.shape[:channel_dim] + t.shape[channel_dim + 1 :])
+    return t.movedim(channel_dim, 0).reshape(n, rest)
+
+
+def _unrows(x: torch.Tensor, shape: tuple[int, ...], channel_dim: int | None) -> torch.Tensor:
+    if channel_dim is None:
+        return x.reshape(shape)
+    moved = (shape[channel_dim],) + shape[:channel_dim] + shape[channel_dim + 1 :]
+    return x.reshape(moved).movedim(0, channel_dim)
+
+
+def _prepare(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None):
+    """Checks; returns (float64 rows with masked-out weights set to 0, keep rows or None, channel_dim)."""
+    w = weight.detach()
+    if not w.is_floating_point():
+        raise QuantizationError(f"cannot quantize {name!r}: it is a {w.dtype} tensor, not a floating-point one")
+    bad = ~torch.isfinite(w)
+    if bad.any():
+        n_nan, n_inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+        raise QuantizationError(
+            f"cannot quantize {name!r} (shape {tuple(w.shape)}): it holds {n_nan} NaN and {n_inf} infinite "
+            f"value(s) out of {w.numel()}",
+            hint="the weights are corrupt (diverged training or a bad checkpoint): load healthy weights "
+            "(or fine-tune with a lower learning rate) before compressing",
+        )
+    per_tensor = spec.channel_dim is None or spec.scheme == "codebook" or spec.is_float or w.dim() == 0
+    cd = None if per_tensor else spec.channel_dim
+    if cd is not None:
+        if not -w.dim() <= cd < w.dim():
+            raise QuantizationError(
+                f"cannot quantize {name!r}: channel_dim={cd} is out of range for shape {tuple(w.shape)}",
+                hint=f"use a dim in [{-w.dim()}, {w.dim()}) or channel_dim=None for one scale per tensor",
+            )
+        cd %= w.dim()
+    keep = None
+    if mask is not None:
+        if tuple(mask.shape) != tuple(w.shape):
+            raise QuantizationError(
+                f"the mask of {name!r} has shape {tuple(mask.shape)} but the weight has {tuple(w.shape)}",
+                hint="pass a bool mask of the weight's shape (True = kept)",
+            )
+        keep = _rows(mask.detach().to(device=w.device, dtype=torch.bool), cd)
+    x = _rows(w.to(_F64), cd)
+    if keep is not None:
+        x = torch.where(keep, x, 0.0)
+    return x, keep, cd
+
+
+# -- uniform (symmetric / asymmetric) ---------------------------------------------------------------
+def _ceil_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Smallest value of ``dtype`` >= x (x >= 0, float64), returned as float64 (computed on the CPU)."""
+    x64 = x.cpu()
+    y = x64.to(dtype)
+    y = torch.where(y.to(_F64) < x64, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+    return y.to(_F64).to(x.device)
+
+
+def _uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype):
+    """(scale, zero) covering [lo, hi] (lo <= 0 <= hi) with 2**bits levels; scale rounded up to dtype."""
+    qmax = (1 << bits) - 1
+    s = _ceil_to((hi - lo) / qmax, dtype)
+    s = torch.where(s == 0, 1.0, s)  # an all-zero channel: any positive scale decodes it to 0; we use 1
+    if symmetric:
+        z = torch.full_like(s, float(1 << (bits - 1)))
+    else:
+        z = torch.round(-lo / s).clamp_(0, qmax)
+    return s, z
+
+
+def _range(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[1] == 0:
+        zero = x.new_zeros(x.shape[0])
+        return zero, zero
+    if symmetric:
+        m = x.abs().amax(1)
+        return -m, m
+    lo, hi = torch.aminmax(x, dim=1)
+    return lo.clamp(max=0), hi.clamp(min=0)
+
+
+def _fit_uniform(x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    symmetric = spec.scheme == "symmetric"
+    lo, hi = _range(x, symmetric)
+    alphas = torch.tensor(CLIP_ALPHAS if spec.clip_search else (1.0,), dtype=_F64, device=x.device)[:, None]
+    S, Z = _uniform_params(alphas * lo, alphas * hi, spec.bits, symmetric, SCALE_DTYPES[spec.scale_dtype])
+    if torch.isinf(S[0]).any():
+        big = max(float(hi.max()), -float(lo.min()))
+        raise QuantizationError(
+            f"cannot quantize {name!r}: its range (max |w| = {big:.4g}) needs a scale "
+            f"above the largest {spec.scale_dtype} at {spec.bits} bits",
+            hint="use scale_dtype='float32', more bits, or keep this layer in float (bits=32)",
+        )
+    if len(alphas) == 1:
+        return S[0], Z[0]
+    err = _search_errors(x, S, Z, spec.bits, symmetric)
+    best = torch.argmin(err, dim=0)  # the first minimum: ties keep the larger range
+    return S.gather(0, best[None])[0], Z.gather(0, best[None])[0]
+
+
+def _search_errors(x: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Squared error per (alpha, channel), ``sum((x - scale * clamp(round(x / scale)))**2)``, in blocks."""
+    n_alpha, n_rows = S.shape
+    n_cols = max(x.shape[1], 1)
+    rows = max(1, min(n_rows, _BLOCK // n_cols))
+    cols = min(n_cols, max(1, _BLOCK // rows))
+    qmax = (1 << bits) - 1
+    err = torch.zeros(n_alpha, n_rows, dtype=_F64, device=x.device)
+    inv = 1.0 / S  # multiplying is cheaper than dividing; the final encode divides
+    for r0 in range(0, n_rows, rows):
+        r = slice(r0, r0 + rows)
+        lo_q, hi_q = -Z[:, r, None], qmax - Z[:, r, None]
+        for c0 in range(0, x.shape[1], cols):
+            xb = x[r, c0 : c0 + cols]
+            t, q = torch.empty_like(xb), torch.empty_like(xb)
+            for i in range(n_alpha):
+                torch.mul(xb, inv[i, r, None], out=t)
+                torch.round(t, out=q)
+                if symmetric:
+                    q.clamp_(-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+                else:
+                    q.clamp_(lo_q[i], hi_q[i])
+                t.sub_(q)
+                err[i, r] += torch.linalg.vecdot(t, t)
+    return err * S * S
+
+
+# -- codebook (k-means) ---------------------------------------------------------------------------
+def _kmeans(values: torch.Tensor, bits: int, include_zero: bool) -> torch.Tensor:
+    """1-D k-means (Lloyd, linear init over [min, max]) -> sorted distinct float32-exact centroids (f64).
+
+    On sorted data a cluster is a contiguous run, so one iteration is a ``searchsorted`` of the k-1
+    midpoints plus prefix sums: O(k log n) after one O(n log n) sort. An empty cluster's centroid is
+    moved to split the cluster with the largest squared error (which never increases the error).
+    """
+    if values.numel() == 0:
+        return torch.zeros(1, dtype=_F64, device=values.device)
+    v = np.sort(values.cpu().numpy())
+    s1 = np.concatenate([[0.0], np.cumsum(v)])
+    s2 = np.concatenate([[0.0], np.cumsum(v * v)])
+    c = np.linspace(v[0], v[-1], 1 << bits)
+    if include_zero:
+        c[np.argmin(np.abs(c))] = 0.0
+    c = np.unique(c)
+    for _ in range(KMEANS_MAX_ITERS):
+        edges = np.concatenate([[0], np.searchsorted(v, (c[:-1] + c[1:]) / 2), [v.size]])
+        new = _lloyd_update(v, s1, s2, edges, c, include_zero)
+        if np.array_equal(new, c):
+            break
+        c = new
+    c = c.astype(np.float32).astype(np.float64)  # what the file stores
+    c = np.unique(np.where(c == 0, 0.0, c))  # a zero centroid is +0.0, never -0.0
+    if include_zero and not (c == 0).any():
+        c = np.unique(np.concatenate([c, [0.0]]))
+    used = np.bincount(np.searchsorted((c[:-1] + c[1:]) / 2, v), minlength=c.size) > 0
+    return torch.from_numpy(c[used | ((c == 0) & include_zero)]).to(values.device)
+
+
+def _lloyd_update(v, s1, s2, edges, c, include_zero: bool) -> np.ndarray:
+    """One Lloyd step: cluster means; empty clusters re-seeded by splitting the worst cluster."""
+    lo, hi = list(edges[:-1]), list(edges[1:])
+    cnt = np.maximum(edges[1:] - edges[:-1], 1)
+    mean = (s1[edges[1:]] - s1[edges[:-1]]) / cnt
+    sse = s2[edges[1:]] - s2[edges[:-1]] - mean * mean * cnt
+    pinned = (c == 0) if include_zero else np.zeros(c.size, dtype=bool)
+    new = np.where(pinned, 0.0, np.where(edges[1:] > edges[:-1], mean, c))
+    sse = np.where(pinned, -1.0, sse)
+    empty = list(np.flatnonzero((edges[1:] == edges[:-1]) & ~pinned))
+    while empty:
+        j = int(np.argmax(sse))
+        if sse[j] <= 0:
+            break
+        a, b = lo[j], hi[j]
+        p = a + int(np.searchsorted(v[a:b], new[j], side="right"))
+        if p in (a, b):  # equal values (the error was rounding noise): cannot be split
+            sse[j] = -1.0
+            continue
+        e = empty.pop()
+        for idx, (x, y) in ((j, (a, p)), (e, (p, b))):
+            new[idx] = (s1[y] - s1[x]) / (y - x)
+            sse[idx] = s2[y] - s2[x] - new[idx] ** 2 * (y - x)
+            lo[idx], hi[idx] = x, y
+    return np.sort(new)
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.searchsorted((c[:-1] + c[1:]) / 2, x.contiguous())
+
+
+# -- the fitted quantizer, shared with fake_quant.py ----------------------------------------------
+@dataclass(frozen=True, eq=False)
+class _Fit:
+    """A quantizer fitted to one tensor (float64 torch): ``scale``/``zero`` per row, or ``codebook``."""
+
+    bits: int
+    scheme: str
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+
+
+def _fit(x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> _Fit:
+    if spec.scheme == "codebook":
+        kept = x.flatten() if keep is None else x[keep]
+        cb = _kmeans(kept, spec.bits, spec.include_zero or keep is not None)
+        return _Fit(spec.bits, "codebook", codebook=cb)
+    scale, zero = _fit_uniform(x, spec, name)
+    return _Fit(spec.bits, spec.scheme, scale=scale, zero=zero)
+
+
+def _encode(x: torch.Tensor, f: _Fit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 codes, bool "inside the representable range +- half a step") of float64 rows ``x``."""
+    if f.scheme == "codebook":
+        return _nearest(x, f.codebook), torch.ones_like(x, dtype=torch.bool)
+    qmax = (1 << f.bits) - 1
+    r = torch.round(x / f.scale[:, None])
+    z = f.zero[:, None]
+    inside = (r >= -z) & (r <= qmax - z)
+    return (torch.minimum(torch.maximum(r, -z), qmax - z) + z).long(), inside
+
+
+def _decode(codes: torch.Tensor, f: _Fit) -> torch.Tensor:
+    if f.scheme == "codebook":
+        return f.codebook[codes]
+    return (codes.to(_F64) - f.zero[:, None]) * f.scale[:, None]
+
+
+def _pack(f: _Fit, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, spec: QuantSpec) -> QuantizedTensor:
+    codes_np = _unrows(codes, shape, cd).to(torch.uint8).cpu().contiguous().numpy()
+    if f.scheme == "codebook":
+        codebook = f.codebook.to(torch.float32).cpu().numpy()
+        return QuantizedTensor(shape, f.bits, "codebook", codes=codes_np, codebook=codebook)
+    zp = f.zero.to(torch.uint8).cpu().numpy() if f.scheme == "asymmetric" else None
+    return QuantizedTensor(
+        shape, f.bits, f.scheme, codes=codes_np, scale=f.scale.to(torch.float32).cpu().numpy(), zero_point=zp,
+        channel_dim=cd, scale_dtype=spec.scale_dtype,
+    )
+
+
+def _float_values(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None) -> torch.Tensor:
+    """The 16/32-bit path: masked-out weights zeroed, rounded to float16/float32 (nearest)."""
+    x, _, _ = _prepare(weight, spec, name, mask)
+    dtype = torch.float16 if spec.bits == 16 else torch.float32
+    v = x.reshape(weight.shape).to(dtype)
+    if not torch.isfinite(v).all():
+        raise QuantizationError(
+            f"cannot store {name!r} in {dtype}: {int((~torch.isfinite(v)).sum())} value(s) exceed its range "
+            f"({torch.finfo(dtype).max:.6g})",
+            hint="use bits=32 for this layer" if spec.bits == 16 else "rescale this layer's weights",
+        )
+    return v
+
+
+# -- public API -------------------------------------------------------------------------------------
+def quantize(
+    weight: torch.Tensor, spec: QuantSpec, name: str = "weight", mask: torch.Tensor | None = None
+) -> QuantizedTensor:
+    """Quantize ``weight`` as ``spec`` says (round to nearest, after an optional clipping search).
+
+    Parameters
+    ----------
+    weight : any floating-point tensor (it is not modified; ``requires_grad`` is fine).
+    spec : the quantizer.
+    name : the layer's name, used in error messages (e.g. ``"layer1.0.conv1.weight"``).
+    mask : bool tensor of ``weight``'s shape, True = kept. Masked-out weights do not take part in the
+        fit and their codes decode to exactly 0.0.
+
+    Raises
+    ------
+    QuantizationError
+        NaN/Inf in ``weight``, a ``channel_dim`` out of range, a mask of the wrong shape, or a scale
+        (or 16-bit value) beyond float16's range.
+
+    >>> import torch
+    >>> w = torch.tensor([[0.1, -0.2, 0.3], [5.0, 0.0, -4.0]])
+    >>> q = quantize(w, QuantSpec(bits=4, scheme="asymmetric"), mask=w.abs() > 0.15)
+    >>> q.scale.shape, q.zero_point.dtype, dequantize(q)[0, 0].item()
+    ((2,), dtype('uint8'), 0.0)
+    >>> cb = quantize(w, QuantSpec(bits=2, scheme="codebook"))
+    >>> cb.codebook, cb.codes.tolist()
+    (array([-4. , -0.1,  0.2,  5. ], dtype=float32), [[2, 1, 2], [3, 1, 0]])
+    """
+    shape = tuple(weight.shape)
+    if spec.is_float:
+        v = _float_values(weight, spec, name, mask)
+        return QuantizedTensor(shape, spec.bits, "float", values=v.cpu().numpy())
+    x, keep, cd = _prepare(weight, spec, name, mask)  # computed on weight's device, returned on the CPU
+    f = _fit(x, keep, spec, name)
+    codes, _ = _encode(x, f)
+    return _pack(f, codes, shape, cd, spec)
+
+
+def _fit_of(q: QuantizedTensor) -> _Fit:
+    if q.scheme == "codebook":
+        return _Fit(q.bits, "codebook", codebook=torch.from_numpy(q.codebook.astype(np.float64)))
+    scale = torch.from_numpy(q.scale.astype(np.float64))
+    if q.zero_point is None:
+        zero = torch.full_like(scale, float(1 << (q.bits - 1)))
+    else:
+        zero = torch.from_numpy(q.zero_point.astype(np.float64))
+    return _Fit(q.bits, q.scheme, scale=scale, zero=zero)
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """Decode ``q`` to a float32 tensor of ``q.shape``.
+
+    >>> import torch
+    >>> w = torch.randn(8, 3, 3, 3)
+    >>> q = quantize(w, QuantSpec(bits=8, clip_search=False))
+    >>> err = (dequantize(q) - w).abs().amax(dim=(1, 2, 3))
+    >>> bool((err <= torch.tensor(q.scale) / 2 + 1e-6).all())     # round to nearest
+    True
+    """
+    if q.scheme == "float":
+        return torch.from_numpy(q.values.astype(np.float32))
+    codes = _rows(torch.from_numpy(q.codes.astype(np.int64)), q.channel_dim)
+    return _unrows(_decode(codes, _fit_of(q)), q.shape, q.channel_dim).to(torch.float32)
