@@ -222,6 +222,13 @@ def _class_expr(path: str, cls: type) -> str:
         )
     if getattr(nn, cls.__name__, None) is cls:
         return f"nn.{cls.__name__}"
+    if getattr(importlib.import_module(module), cls.__qualname__, None) is not cls:
+        raise CodegenError(
+            f"module {path!r} is a {module}.{cls.__qualname__}, a class torch made at run time (a "
+            "parametrization): model.py cannot name it",
+            hint="remove the parametrizations first: torch.nn.utils.parametrize.remove_parametrizations("
+            "module, name, leave_parametrized=True)",
+        )
     return "nn." + f"{module}.{cls.__qualname__}".removeprefix("torch.nn.")  # e.g. nn.modules.linear.X
 
 

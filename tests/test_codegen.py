@@ -299,6 +299,14 @@ def test_unrecoverable_constructor_argument_is_refused():
         emit_model_source(_traced(encoder, 1))
 
 
+def test_parametrized_layer_is_refused_with_the_way_out():
+    layer = nn.Linear(3, 3)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", nn.Identity())
+    with pytest.raises(CodegenError, match="'layer' is a torch.nn.utils.parametrize.ParametrizedLinear.*\n.*"
+                                           "remove_parametrizations"):
+        emit_model_source(_traced(layer, 1))
+
+
 def test_stale_attributes_are_refused():
     gm = _traced(nn.Conv2d(4, 6, 3), 1)
     gm.layer.out_channels = 5  # disagrees with the weight's 6 output channels
