@@ -242,3 +242,13 @@ def test_bad_plans_name_the_group():
                           ({0: [0, 4]}, "0..3"), ({0: [1, 1]}, "duplicate")]:
         with pytest.raises(compressc.InfeasiblePlanError, match=pattern):
             compressc.prune_channels(g, plan)
+
+
+def test_a_group_pruned_to_one_channel_is_still_followed_through_flatten():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+    x = torch.randn(1, 1, 4, 4)
+    g, groups = _groups(net, x)
+    small = compressc.prune_channels(g, {0: [1]})
+    g1 = compressc.trace(small, (x,))
+    groups1 = compressc.channel_groups(g1)
+    assert [(grp.size, grp.prunable) for grp in groups1] == [(1, True), (3, False)]

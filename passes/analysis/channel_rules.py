@@ -704,7 +704,13 @@ def _reshape(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta) -> None:
         ctx.states[node.name] = None
         return
     full = _materialize(x, in_shape).reshape(out_shape)
-    varying = [d for d in range(full.ndim) if full.shape[d] > 1 and not (full == full.take([0], axis=d)).all()]
+    varying = {d for d in range(full.ndim) if full.shape[d] > 1 and not (full == full.take([0], axis=d)).all()}
+    for in_dims, out_dims in _dim_groups(in_shape, out_shape):
+        # a channel dim of size 1 (a group pruned to one unit) does not vary: place it by the dim groups
+        if set(in_dims) & set(x.dims) and not varying & set(out_dims) and out_dims:
+            size = int(np.prod([in_shape[d] for d in in_dims if d in x.dims]))
+            varying.add(next((d for d in out_dims if out_shape[d] == size), out_dims[0]))
+    varying = sorted(varying)
     joint = full[tuple(slice(None) if d in varying else 0 for d in range(full.ndim))]
     if not varying or np.unique(joint).size != np.unique(x.slots).size:
         ctx.freeze(x, node.name, "reshape whose channel mapping cannot be proven")
@@ -712,6 +718,30 @@ def _reshape(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta) -> None:
         return
     ctx.require_rectangular(node.name, joint)
     ctx.states[node.name] = Chan(tuple(varying), joint)
+
+
+def _dim_groups(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]]:
+    """Pair consecutive input dims with consecutive output dims of equal product (size-1 dims pair
+    with size-1 dims in order), as a reshape moves them."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(in_shape) and j < len(out_shape):
+        gi, gj, pi, pj = [i], [j], in_shape[i], out_shape[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(in_shape):
+                gi.append(i)
+                pi, i = pi * in_shape[i], i + 1
+            elif j < len(out_shape):
+                gj.append(j)
+                pj, j = pj * out_shape[j], j + 1
+            else:
+                break
+        groups.append((gi, gj))
+    if groups:  # trailing size-1 dims join the last group
+        groups[-1][0].extend(range(i, len(in_shape)))
+        groups[-1][1].extend(range(j, len(out_shape)))
+    return groups
 
 
 def _materialize(x: Chan, shape: tuple[int, ...]) -> np.ndarray:
