@@ -12,6 +12,9 @@ from .frontends.fx import trace
 from .passes.analysis.channel_groups import ChannelGroup, GroupMember, channel_groups
 from .passes.analysis.channel_plan import InfeasiblePlanError, predict_cost
 from .passes.lowering.prune_channels import masked_reference, prune_channels
+from .plan import LayerSettings, Plan
+from .spec import Spec, SpecError
+from .artifact.bundle import load
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,11 @@ __all__ = [
     "masked_reference",
     "predict_cost",
     "InfeasiblePlanError",
+    "Plan",
+    "LayerSettings",
+    "Spec",
+    "SpecError",
+    "load",
     "ChannelGroup",
     "GroupMember",
     "Graph",

@@ -1,0 +1,189 @@
+"""Lowering to the compact model: prune channels, fold BatchNorm, sparsify, quantize, pack.
+
+``prepare`` builds the physically smaller float module and, per weight tensor, its ``QuantSpec`` and
+sparsity mask (what quantization-aware fine-tuning trains through); ``finalize`` quantizes the module's
+weights into the records of the weights file and puts the dequantized values back into the module, so
+``Compact.module`` computes exactly what the artifact will; ``lower`` is both in one go.
+``predict_bytes`` gives the weights file's exact size for a plan without quantizing.
+
+Precondition: the graph comes from ``compressc.trace``; the plan's channel groups from
+``compressc.channel_groups`` on it and its layer names from ``compressc.plan.weight_tensors``.
+
+>>> import torch, torch.nn as nn, compressc
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2)).eval()
+>>> g = compressc.trace(net, (torch.randn(1, 3, 6, 6),))
+>>> plan = Plan(channels={0: (0, 2, 5)}, layers={"0.weight": LayerSettings(bits=4), "4.weight": LayerSettings(bits=2, sparsity=0.5)})
+>>> compact = lower(g, plan)
+>>> [type(m).__name__ for m in compact.module.children()]
+['Conv2d', 'ReLU', 'Flatten', 'Linear']
+>>> compact.predicted_bytes == predict_bytes(g, plan)
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from compressc.artifact import TensorRecord, predict_size
+from compressc.errors import UserError
+from compressc.ir import Graph
+from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
+from compressc.passes.lowering.prune_channels import prune_channels
+from compressc.passes.lowering.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
+from compressc.passes.lowering.sparsify import block_mask
+from compressc.plan import LayerSettings, Plan, weight_tensors
+
+__all__ = ["Prepared", "Compact", "prepare", "finalize", "lower", "predict_bytes", "to_record", "PlanError"]
+
+
+class PlanError(UserError):
+    """A plan that names layers or settings the model cannot take."""
+
+
+@dataclass
+class Prepared:
+    """The pruned, BatchNorm-folded float module and, per weight tensor, how it will be stored."""
+
+    module: fx.GraphModule
+    specs: dict[str, QuantSpec]
+    masks: dict[str, tuple[torch.Tensor, tuple[int, ...]]]  # name -> (block mask, block shape)
+    plan: Plan
+
+    def element_masks(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (mask, block_shape) in self.masks.items():
+            m = mask
+            for _ in block_shape:
+                m = m.unsqueeze(-1)
+            out[name] = m.expand(tuple(mask.shape) + block_shape).contiguous()
+        return out
+
+
+@dataclass
+class Compact:
+    """A lowered model: ``module`` holds the dequantized weights; ``records`` are the weights file."""
+
+    module: fx.GraphModule
+    records: list[TensorRecord]
+    plan: Plan
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+
+    @property
+    def predicted_bytes(self) -> int:
+        return predict_size(self.records)
+
+    def save(self, directory, *, report: dict | None = None, force: bool = False):
+        """Write the artifact directory (``model.py``, the weights file, ``report.json``) atomically."""
+        from compressc.artifact.bundle import save_artifact
+
+        return save_artifact(directory, self.module, self.records, report=report, force=force)
+
+
+def _spec(settings: LayerSettings, tensor: torch.Tensor) -> QuantSpec:
+    return QuantSpec(bits=settings.bits, scheme=settings.scheme, channel_dim=0 if tensor.dim() >= 1 else None)
+
+
+def prepare(graph: Graph, plan: Plan) -> Prepared:
+    """Prune, fold BatchNorm, and fix each weight's quantizer and sparsity mask (from the pruned,
+    folded weights: folding rescales output channels, so masks are taken after it)."""
+    known = set(weight_tensors(graph.module))
+    unknown = sorted(set(plan.layers) - known)
+    if unknown:
+        raise PlanError(
+            f"the plan names {len(unknown)} tensor(s) that are not quantizable weights of the model: {', '.join(unknown[:5])}",
+            hint="use names from compressc.plan.weight_tensors(graph.module), e.g. " + ", ".join(sorted(known)[:3]),
+        )
+    module = prune_channels(graph, plan.channels) if plan.channels else copy.deepcopy(graph.module)
+    if plan.channels or plan.layers:  # an empty plan is the identity, bit for bit: nothing is folded
+        module = fold_batchnorm(module)
+    params = dict(module.named_parameters())
+    specs: dict[str, QuantSpec] = {}
+    masks: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+    for name, settings in plan.layers.items():
+        w = params[name]
+        specs[name] = _spec(settings, w)
+        if settings.sparsity > 0:
+            try:
+                masks[name] = block_mask(w, settings.sparsity, settings.sparsity_kind)
+            except ValueError as e:
+                raise PlanError(f"{name}: {e}") from None
+    return Prepared(module, specs, masks, plan)
+
+
+def to_record(name: str, q: QuantizedTensor, mask: tuple[torch.Tensor, tuple[int, ...]] | None = None) -> TensorRecord:
+    """The weights-file record of a quantized tensor (with its block mask, if sparse)."""
+    sparse: dict[str, Any] = {}
+    if mask is not None:
+        sparse = {"mask": mask[0].numpy().astype(bool), "block_shape": mask[1]}
+    if q.scheme == "float":
+        return TensorRecord(name, q.shape, "float16" if q.bits == 16 else "float32", values=q.values, **sparse)
+    if q.scheme == "codebook":
+        return TensorRecord(name, q.shape, "codebook", bits=q.bits, codes=q.codes, codebook=q.codebook, **sparse)
+    return TensorRecord(name, q.shape, "uniform", bits=q.bits, codes=q.codes, channel_dim=q.channel_dim,
+                        scale=q.scale, scale_dtype=q.scale_dtype, zero_point=q.zero_point, **sparse)
+
+
+def _float_record(name: str, t: torch.Tensor) -> TensorRecord:
+    return TensorRecord(name, tuple(t.shape), "float32", values=t.detach().to(torch.float32).cpu().numpy())
+
+
+def finalize(prepared: Prepared, module: torch.nn.Module | None = None) -> Compact:
+    """Quantize the weights of ``module`` (default: the prepared one, e.g. after fine-tuning) into
+    records; the returned module is a copy holding the dequantized values."""
+    module = copy.deepcopy(module if module is not None else prepared.module)
+    element_masks = prepared.element_masks()
+    quantized: dict[str, QuantizedTensor] = {}
+    records: list[TensorRecord] = []
+    with torch.no_grad():
+        for name, t in module.state_dict(keep_vars=True).items():
+            if name in prepared.specs:
+                q = quantize(t, prepared.specs[name], name=name, mask=element_masks.get(name))
+                quantized[name] = q
+                records.append(to_record(name, q, prepared.masks.get(name)))
+                t.copy_(dequantize(q).to(t.dtype))
+            else:
+                records.append(_float_record(name, t))
+    return Compact(module, records, prepared.plan, quantized)
+
+
+def lower(graph: Graph, plan: Plan) -> Compact:
+    """``finalize(prepare(graph, plan))``: the compact model and its weights file records."""
+    return finalize(prepare(graph, plan))
+
+
+def _placeholder_record(name: str, t: torch.Tensor, spec: QuantSpec | None, mask, element_mask) -> TensorRecord:
+    """A record with the right sizes but zero payload: ``predict_size`` reads shapes, bits, channel
+    counts and masks only."""
+    shape = tuple(t.shape)
+    sparse: dict[str, Any] = {}
+    if mask is not None:
+        sparse = {"mask": mask[0].numpy().astype(bool), "block_shape": mask[1]}
+    if spec is None:
+        return TensorRecord(name, shape, "float32", values=np.broadcast_to(np.float32(0), shape))
+    if spec.is_float:
+        kind = "float16" if spec.bits == 16 else "float32"
+        return TensorRecord(name, shape, kind, values=np.broadcast_to(np.dtype(kind).type(0), shape), **sparse)
+    if spec.scheme == "codebook":  # the number of centroids depends on the values: fit it
+        return to_record(name, quantize(t, spec, name=name, mask=element_mask), mask)
+    channels = shape[spec.channel_dim] if spec.channel_dim is not None and shape else 1
+    zero = np.zeros(channels, np.uint8) if spec.scheme == "asymmetric" else None
+    return TensorRecord(name, shape, "uniform", bits=spec.bits, codes=np.broadcast_to(np.uint8(0), shape),
+                        channel_dim=spec.channel_dim if shape else None, scale=np.ones(channels, np.float32),
+                        scale_dtype=spec.scale_dtype, zero_point=zero, **sparse)
+
+
+def predict_bytes(graph: Graph, plan: Plan) -> int:
+    """Exact size in bytes of the weights file ``lower(graph, plan).save(...)`` writes."""
+    prepared = prepare(graph, plan)
+    element_masks = prepared.element_masks()
+    records = [
+        _placeholder_record(name, t, prepared.specs.get(name), prepared.masks.get(name), element_masks.get(name))
+        for name, t in prepared.module.state_dict().items()
+    ]
+    return predict_size(records)
