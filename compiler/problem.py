@@ -1,0 +1,176 @@
+"""The compression problem the solvers see: knobs with options and measured distortions, exact costs.
+
+A **knob** is one decision with a few options: how many units a channel group keeps (``keep``), how
+many bits a weight tensor gets (``bits``), how sparse it is (``sparsity``). Option 0 is always "leave
+it as it is" (all units, 32 bits, dense) and options get more compressed with the index. A **choice**
+is one option index per knob. The quality model is additive: ``objective(choice)`` is the sum of the
+knobs' measured distortions (each measured with only that knob changed: the sensitivity curves).
+Costs are exact: ``bytes(choice)`` is the size of the weights file ``compressc`` would write (through
+the lowering passes and the size model), ``flops(choice)`` the FLOPs of the lowered module.
+
+Solvers that relax the problem use ``tensor_costs``: per weight tensor, which knobs scale its rows
+(output channels), its columns (input channels), its bit-width and its density.
+
+>>> import numpy as np
+>>> p = Problem.from_table(options=[(4, 2, 1), (32, 8, 4)], distortion=[(0, .1, .5), (0, .01, .2)],
+...                        bytes_table=[(400, 200, 100), (800, 200, 100)])
+>>> p.bytes([1, 1]), p.objective([1, 1]), p.most_compressed()
+(400, 0.11, (2, 2))
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from compressc.plan import LayerSettings, Plan
+
+__all__ = ["Knob", "TensorCost", "Budget", "Problem", "Choice", "option_index"]
+
+Choice = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One decision. ``target``: a channel-group id (``keep``) or a weight tensor name (``bits``,
+    ``sparsity``). ``options[0]`` leaves the model as it is; ``distortion[0] == 0``."""
+
+    key: str
+    kind: str  # "keep" | "bits" | "sparsity"
+    target: int | str
+    options: tuple
+    distortion: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.options) != len(self.distortion) or not self.options:
+            raise ValueError(f"knob {self.key}: options and distortion must be non-empty and of equal length")
+
+
+@dataclass(frozen=True)
+class TensorCost:
+    """Structure of one weight tensor's bytes, for relaxations:
+    ``bytes ~= numel * rows * cols * bits / 8 * density + per_row_bytes * rows`` where ``rows`` /
+    ``cols`` are the kept fractions of its output / input channels: ``sum(w * keep_fraction[knob])``
+    over ``out_keep`` / ``in_keep`` (pairs of knob index and weight; an empty tuple means 1)."""
+
+    tensor: str
+    numel: int
+    out_keep: tuple[tuple[int, float], ...] = ()
+    in_keep: tuple[tuple[int, float], ...] = ()
+    bits_knob: int | None = None
+    sparsity_knob: int | None = None
+    per_row_bytes: float = 0.0
+    macs: int = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    bytes: int | None = None
+    flops: int | None = None
+
+
+@dataclass
+class Problem:
+    """Knobs, exact cost functions and (optionally) a real score of a plan.
+
+    ``bytes_of`` / ``flops_of`` take a ``Plan``; ``score`` (higher is better, e.g. accuracy after a
+    quick lowering) is only set when the driver can afford it. ``ranking[g]`` orders group ``g``'s units
+    from most to least important: a ``keep`` option of ``k`` keeps ``ranking[g][:k]``.
+    """
+
+    knobs: tuple[Knob, ...]
+    bytes_of: Callable[[Plan], int]
+    flops_of: Callable[[Plan], int] = lambda plan: 0
+    ranking: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    scheme: str = "symmetric"
+    sparsity_kind: str = "unstructured"
+    tensor_costs: tuple[TensorCost, ...] = ()
+    fixed_bytes: int = 0  # bytes of what no knob changes (float tensors, headers): for relaxations
+    score: Callable[[Plan], float] | None = None
+
+    # -- choices and plans ---------------------------------------------------------------------
+    def uncompressed(self) -> Choice:
+        return tuple(0 for _ in self.knobs)
+
+    def most_compressed(self) -> Choice:
+        return tuple(len(k.options) - 1 for k in self.knobs)
+
+    def plan(self, choice: Sequence[int]) -> Plan:
+        self._check(choice)
+        channels: dict[int, tuple[int, ...]] = {}
+        layers: dict[str, dict] = {}
+        for knob, i in zip(self.knobs, choice):
+            value = knob.options[i]
+            if knob.kind == "keep":
+                if i:
+                    channels[int(knob.target)] = tuple(sorted(self.ranking[int(knob.target)][: int(value)]))
+            elif knob.kind == "bits":
+                layers.setdefault(str(knob.target), {})["bits"] = int(value)
+            elif knob.kind == "sparsity":
+                layers.setdefault(str(knob.target), {})["sparsity"] = float(value)
+        settings = {
+            name: LayerSettings(bits=s.get("bits", 32), scheme=self.scheme, sparsity=s.get("sparsity", 0.0),
+                                sparsity_kind=self.sparsity_kind)
+            for name, s in layers.items()
+            if s.get("bits", 32) != 32 or s.get("sparsity", 0.0) > 0
+        }
+        return Plan(channels=channels, layers=settings)
+
+    def objective(self, choice: Sequence[int]) -> float:
+        self._check(choice)
+        return float(sum(k.distortion[i] for k, i in zip(self.knobs, choice)))
+
+    def bytes(self, choice: Sequence[int]) -> int:
+        return self._bytes(tuple(int(i) for i in choice))
+
+    def flops(self, choice: Sequence[int]) -> int:
+        return self._flops(tuple(int(i) for i in choice))
+
+    def feasible(self, choice: Sequence[int], budget: Budget) -> bool:
+        if budget.bytes is not None and self.bytes(choice) > budget.bytes:
+            return False
+        return budget.flops is None or self.flops(choice) <= budget.flops
+
+    @functools.cached_property
+    def _bytes(self) -> Callable[[Choice], int]:
+        return functools.lru_cache(maxsize=4096)(lambda c: int(self.bytes_of(self.plan(c))))
+
+    @functools.cached_property
+    def _flops(self) -> Callable[[Choice], int]:
+        return functools.lru_cache(maxsize=4096)(lambda c: int(self.flops_of(self.plan(c))))
+
+    def _check(self, choice: Sequence[int]) -> None:
+        if len(choice) != len(self.knobs):
+            raise ValueError(f"a choice needs one option index per knob ({len(self.knobs)}), got {len(choice)}")
+        for knob, i in zip(self.knobs, choice):
+            if not 0 <= int(i) < len(knob.options):
+                raise ValueError(f"knob {knob.key}: option {i} out of range 0..{len(knob.options) - 1}")
+
+    # -- small problems for tests and examples ---------------------------------------------------
+    @classmethod
+    def from_table(cls, options: Sequence[Sequence], distortion: Sequence[Sequence[float]],
+                   bytes_table: Sequence[Sequence[int]], kinds: Sequence[str] | None = None) -> "Problem":
+        """A separable toy problem: knob ``j`` at option ``i`` costs ``bytes_table[j][i]`` bytes."""
+        kinds = kinds or ["bits"] * len(options)
+        knobs = tuple(Knob(f"{kind}:t{j}", kind, f"t{j}.weight", tuple(o), tuple(float(d) for d in dist))
+                      for j, (kind, o, dist) in enumerate(zip(kinds, options, distortion)))
+        table = [tuple(int(b) for b in row) for row in bytes_table]
+
+        def bytes_of(plan: Plan) -> int:
+            total = 0
+            for j, knob in enumerate(knobs):
+                s = plan.layers.get(knob.target)
+                i = knob.options.index(s.bits) if s is not None else 0
+                total += table[j][i]
+            return total
+
+        return cls(knobs=knobs, bytes_of=bytes_of)
+
+
+def option_index(knob: Knob, value) -> int:
+    """Index of ``value`` in ``knob.options`` (for solvers mapping continuous values back)."""
+    arr = np.asarray(knob.options, dtype=float)
+    return int(np.argmin(np.abs(arr - float(value))))

@@ -1,0 +1,77 @@
+"""The solver plugin protocol and registry.
+
+A solver turns a ``Problem`` and a ``Budget`` into a ``Plan`` that meets the budget. Built-in solvers
+and third-party ones register the same way: an entry point in the ``compressc.solvers`` group naming a
+class with a ``name``, ``capabilities`` and ``solve(problem, budget, rng)``.
+
+>>> sorted(available_solvers())[:3]
+['convex', 'greedy', 'uniform']
+>>> get_solver("uniform").name
+'uniform'
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib.metadata import entry_points
+from typing import ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from compressc.errors import UserError
+from compressc.plan import Plan
+from compressc.problem import Budget, Problem
+
+__all__ = ["Solver", "SolverError", "UnknownSolverError", "available_solvers", "get_solver", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "compressc.solvers"
+
+
+@runtime_checkable
+class Solver(Protocol):
+    """``name``: the registry name. ``capabilities``: what the solver can honour, a subset of
+    ``{"bytes", "flops", "score"}`` (``score``: it uses ``problem.score`` when there is one).
+    ``solve`` must return a plan whose choice is feasible for ``budget`` and be deterministic for a
+    given ``rng`` seed; it may assume that ``problem.most_compressed()`` is feasible (the driver checks
+    that first)."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]]
+
+    def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan: ...
+
+
+class SolverError(UserError):
+    """A solver cannot meet the request."""
+
+
+class UnknownSolverError(SolverError):
+    pass
+
+
+def _registry() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_solvers() -> list[str]:
+    """Names of the installed solvers (built-in and third-party)."""
+    return sorted(_registry())
+
+
+def get_solver(name: str, **options) -> Solver:
+    """An instance of the solver registered as ``name``, configured with ``options``."""
+    registry = _registry()
+    if name not in registry:
+        close = difflib.get_close_matches(name, registry, n=1)
+        raise UnknownSolverError(
+            f"unknown solver {name!r}; installed: {', '.join(sorted(registry)) or '(none)'}",
+            hint=f"did you mean {close[0]!r}?" if close else "pick one of the installed solvers",
+        )
+    cls = registry[name].load()
+    try:
+        solver = cls(**options)
+    except TypeError as e:
+        raise SolverError(f"solver {name!r}: bad options {sorted(options)}: {e}") from None
+    if not isinstance(solver, Solver):
+        raise SolverError(f"entry point {name!r} does not provide a solver (name, capabilities, solve)")
+    return solver
