@@ -1,0 +1,297 @@
+"""What every solver plugin must do: the conformance class each solver's tests subclass.
+
+In the manner of optuna's ``pytest_samplers``: subclass ``SolverConformance`` and set
+``solver_factory`` to a callable returning a fresh solver; every ``test_*`` method then runs for it::
+
+    from .solver_conformance import SolverConformance
+
+    class TestConvex(SolverConformance):
+        solver_factory = ConvexSolver                          # a class, or
+        # solver_factory = staticmethod(lambda: ConvexSolver(max_iters=50))
+
+A solver passes when, on separable (``Problem.from_table``) and coupled problems (keep knobs that scale
+several tensors, ``tensor_costs`` describing them, an exact ``bytes_of`` that also counts what the
+formula leaves out), for every budget from the minimum to above the maximum: it returns a ``Plan``
+that some choice of options produces, that choice fits the exact bytes (and FLOPs) budget, the same
+seed gives the same plan, single-option knobs (per-layer rules) keep their option, ``name`` and
+``capabilities`` are class constants, and ``get_solver(name)`` finds it.
+
+The problem builders (``separable_problem``, ``coupled_problem``, ``budgets``) and ``choice_of`` are
+public so that solver-specific tests can reuse them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compressc.plan import Plan
+from compressc.problem import Budget, Choice, Knob, Problem, TensorCost
+from compressc.solvers.base import Solver, get_solver
+
+__all__ = ["SolverConformance", "separable_problem", "coupled_problem", "budgets", "choice_of", "PROBLEMS"]
+
+BITS = (32, 8, 4, 2)
+SPARSITY = (0.0, 0.5, 0.75)
+
+
+# --- problems --------------------------------------------------------------------------------------
+
+def _curve(rng: np.random.Generator, n: int, sensitivity: float) -> tuple[float, ...]:
+    """0 then strictly increasing, with bends (not always convex) so ratio greedies can go wrong."""
+    steps = rng.gamma(0.7, 1.0, size=n - 1) + 1e-3
+    return (0.0,) + tuple(float(x) for x in sensitivity * np.cumsum(steps))
+
+
+def separable_problem(seed: int, n_knobs: int = 6) -> Problem:
+    """Independent bits knobs with made-up byte tables (exact costs are the table)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(100, 5000, size=n_knobs)
+    return Problem.from_table(
+        options=[BITS] * n_knobs,
+        distortion=[_curve(rng, len(BITS), rng.lognormal(0, 1)) for _ in range(n_knobs)],
+        bytes_table=[[int(s * b / 8) + 16 for b in BITS] for s in sizes],
+    )
+
+
+def coupled_problem(seed: int, n_layers: int = 5, *, sparsity: bool = True, rules: bool = False,
+                    overhead: bool = False) -> Problem:
+    """A chain of layers whose channel groups couple tensors, described by ``tensor_costs``.
+
+    Layer ``i`` produces group ``i`` (or, for a residual, shares its predecessor's group) and reads
+    its predecessor's group, sometimes concatenated with the one before. ``bytes_of`` is the
+    ``TensorCost`` formula per tensor (rounded up) plus ``fixed_bytes``; with ``overhead`` it also
+    counts what the formula leaves out (a 16-byte header per quantized tensor, a bitmap per sparse
+    one), so only the exact costs tell whether a plan fits. ``flops_of`` is ``2 * macs`` scaled by
+    the kept rows and columns. ``rules``: one group may not be pruned and one tensor's bits are fixed
+    at 8 (single-option knobs).
+    """
+    rng = np.random.default_rng(seed)
+    out_group: list[int | None] = []
+    sizes: list[int] = []
+    for i in range(n_layers):
+        if i == n_layers - 1:
+            out_group.append(None)  # the classifier's outputs are not prunable
+        elif i > 0 and out_group[i - 1] is not None and rng.random() < 0.25:
+            out_group.append(out_group[i - 1])  # residual: same group as the previous layer
+        else:
+            sizes.append(int(rng.choice([8, 12, 16, 32, 48])))
+            out_group.append(len(sizes) - 1)
+    in_groups: list[tuple[int, ...]] = [()]
+    for i in range(1, n_layers):
+        gs = (out_group[i - 1],)
+        if i >= 2 and out_group[i - 2] not in gs and rng.random() < 0.3:
+            gs += (out_group[i - 2],)
+        in_groups.append(gs)
+
+    knobs: list[Knob] = []
+    keep_knob: dict[int, int] = {}
+    frozen_group = int(rng.integers(len(sizes))) if rules else -1
+    for g, n in enumerate(sizes):
+        options = (n,) if g == frozen_group else tuple(sorted({n, *(max(1, round(f * n)) for f in (.75, .5, .25))}, reverse=True))
+        keep_knob[g] = len(knobs)
+        knobs.append(Knob(f"keep:{g}", "keep", g, options, _curve(rng, len(options), rng.lognormal(0, 1))))
+    fixed_tensor = int(rng.integers(n_layers)) if rules else -1
+    costs: list[TensorCost] = []
+    shapes = {}
+    for i in range(n_layers):
+        name = f"layer{i}.weight"
+        rows = sizes[out_group[i]] if out_group[i] is not None else 10
+        cols = sum(sizes[g] for g in in_groups[i]) if in_groups[i] else 3
+        kernel = int(rng.choice([1, 9]))
+        spatial = int(rng.choice([1, 16, 64]))
+        numel = rows * cols * kernel
+        bits = (8,) if i == fixed_tensor else BITS
+        bits_knob = len(knobs)
+        knobs.append(Knob(f"bits:{name}", "bits", name, bits,
+                          (0.0,) if len(bits) == 1 else _curve(rng, len(bits), rng.lognormal(-1, 1))))
+        sparsity_knob = None
+        if sparsity:
+            sparsity_knob = len(knobs)
+            knobs.append(Knob(f"sparsity:{name}", "sparsity", name, SPARSITY, _curve(rng, len(SPARSITY), rng.lognormal(-1, 1))))
+        costs.append(TensorCost(
+            tensor=name, numel=numel, bits_knob=bits_knob, sparsity_knob=sparsity_knob, macs=numel * spatial,
+            out_keep=((keep_knob[out_group[i]], 1.0),) if out_group[i] is not None else (),
+            in_keep=tuple((keep_knob[g], sizes[g] / cols) for g in in_groups[i]),
+            per_row_bytes=2.0 * rows,
+        ))
+        shapes[name] = (out_group[i], in_groups[i], cols)
+    fixed_bytes, fixed_flops = 64, 1000
+
+    def kept(plan: Plan, g: int) -> float:
+        return len(plan.channels[g]) / sizes[g] if g in plan.channels else 1.0
+
+    def scales(plan: Plan, t: TensorCost) -> tuple[float, float]:
+        out, ins, cols = shapes[t.tensor]
+        rows = kept(plan, out) if out is not None else 1.0
+        return rows, (sum(sizes[g] / cols * kept(plan, g) for g in ins) if ins else 1.0)
+
+    def bytes_of(plan: Plan) -> int:
+        total = fixed_bytes
+        for t in costs:
+            rows, cols = scales(plan, t)
+            s = plan.layers.get(t.tensor)
+            bits, density = (s.bits, 1.0 - s.sparsity) if s else (32, 1.0)
+            total += math.ceil(t.numel * rows * cols * bits / 8 * density + t.per_row_bytes * rows)
+            if overhead and s is not None:
+                total += 16 + (math.ceil(t.numel * rows * cols / 8) if s.sparsity > 0 else 0)
+        return total
+
+    def flops_of(plan: Plan) -> int:
+        return fixed_flops + sum(math.ceil(2 * t.macs * math.prod(scales(plan, t))) for t in costs)
+
+    ranking = {g: tuple(int(u) for u in rng.permutation(n)) for g, n in enumerate(sizes)}
+    return Problem(knobs=tuple(knobs), bytes_of=bytes_of, flops_of=flops_of, ranking=ranking,
+                   tensor_costs=tuple(costs), fixed_bytes=fixed_bytes)
+
+
+PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "separable": lambda: separable_problem(1),
+    "coupled": lambda: coupled_problem(2, 6),
+    "coupled-overhead": lambda: coupled_problem(3, 6, overhead=True),
+    "coupled-rules": lambda: coupled_problem(4, 5, rules=True, overhead=True),
+    "coupled-bits-only": lambda: coupled_problem(5, 7, sparsity=False),
+}
+
+
+def budgets(problem: Problem, resource: str = "bytes") -> list[int]:
+    """From the minimum (the most compressed choice) to above the maximum (the uncompressed one)."""
+    cost = problem.bytes if resource == "bytes" else problem.flops
+    lo, hi = cost(problem.most_compressed()), cost(problem.uncompressed())
+    return sorted({lo, lo + 1, *(int(lo + q * (hi - lo)) for q in (.05, .2, .4, .6, .8, .95)), hi - 1, hi, hi + 1000})
+
+
+def choice_of(problem: Problem, plan: Plan) -> Choice:
+    """The option indices that produce ``plan``; fails on anything no option of a knob produces."""
+    choice = []
+    for knob in problem.knobs:
+        if knob.kind == "keep":
+            g = int(knob.target)
+            kept = plan.channels.get(g)
+            value = len(problem.ranking[g]) if kept is None else len(kept)
+        else:
+            s = plan.layers.get(str(knob.target))
+            value = (s.bits if s else 32) if knob.kind == "bits" else (s.sparsity if s else 0.0)
+        assert value in knob.options, f"knob {knob.key}: {value!r} is not one of its options {knob.options}"
+        choice.append(knob.options.index(value))
+    choice = tuple(choice)
+    assert problem.plan(choice) == plan, f"the plan is not the one its options {choice} produce: {plan}"
+    return choice
+
+
+# --- the conformance class -------------------------------------------------------------------------
+
+class SolverConformance:
+    """Tests every solver passes. Subclasses set ``solver_factory`` (a callable returning a fresh
+    solver). FLOPs tests run only for solvers whose ``capabilities`` include ``"flops"``."""
+
+    solver_factory: Callable[[], Solver] | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def make_solver(self) -> Solver:
+        factory = inspect.getattr_static(type(self), "solver_factory")
+        if isinstance(factory, (staticmethod, classmethod)):
+            factory = factory.__func__
+        if factory is None:
+            pytest.skip("set solver_factory in the subclass")
+        return factory()
+
+    def solve(self, problem: Problem, budget: Budget, seed: int = 0) -> Plan:
+        return self.make_solver().solve(problem, budget, np.random.default_rng(seed))
+
+    def assert_fits(self, problem: Problem, budget: Budget, plan: Plan) -> Choice:
+        assert isinstance(plan, Plan), f"solve returned {type(plan).__name__}, not a compressc.plan.Plan"
+        choice = choice_of(problem, plan)
+        if budget.bytes is not None:  # the exact cost functions, not the Problem's caches
+            got = problem.bytes_of(plan)
+            assert got <= budget.bytes, f"{got:,} bytes > budget {budget.bytes:,} (choice {choice})"
+        if budget.flops is not None:
+            got = problem.flops_of(plan)
+            assert got <= budget.flops, f"{got:,} FLOPs > budget {budget.flops:,} (choice {choice})"
+        return choice
+
+    def needs_flops(self) -> None:
+        if "flops" not in type(self.make_solver()).capabilities:
+            pytest.skip("the solver does not honour FLOPs budgets")
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def test_name_and_capabilities_are_class_constants(self):
+        solver = self.make_solver()
+        cls = type(solver)
+        assert isinstance(cls.name, str) and cls.name
+        assert isinstance(cls.capabilities, frozenset)
+        assert "bytes" in cls.capabilities and cls.capabilities <= {"bytes", "flops", "score"}
+        assert "name" not in vars(solver) and "capabilities" not in vars(solver), "set them on the class"
+        assert isinstance(solver, Solver)
+
+    def test_found_through_the_registry(self):
+        solver = self.make_solver()
+        assert type(get_solver(type(solver).name)) is type(solver)
+
+    # -- feasibility -----------------------------------------------------------------------------
+    @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
+    def test_plans_fit_every_byte_budget(self, problem_name):
+        problem = PROBLEMS[problem_name]()
+        for b in budgets(problem):
+            self.assert_fits(problem, Budget(bytes=b), self.solve(problem, Budget(bytes=b)))
+
+    @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
+    def test_a_budget_above_the_maximum_leaves_the_model_as_it_is(self, problem_name):
+        problem = PROBLEMS[problem_name]()
+        top = problem.bytes(problem.uncompressed())
+        for b in (top, top + 1000):
+            plan = self.solve(problem, Budget(bytes=b))
+            assert plan == problem.plan(problem.uncompressed())
+            if all(len(k.options) > 1 for k in problem.knobs):
+                assert plan == Plan()
+        assert self.solve(problem, Budget()) == problem.plan(problem.uncompressed())
+
+    @pytest.mark.parametrize("problem_name", ["coupled", "coupled-overhead", "coupled-rules"])
+    def test_plans_fit_flops_budgets(self, problem_name):
+        self.needs_flops()
+        problem = PROBLEMS[problem_name]()
+        byte_budgets = budgets(problem)
+        for i, f in enumerate(budgets(problem, "flops")):
+            self.assert_fits(problem, Budget(flops=f), self.solve(problem, Budget(flops=f)))
+            both = Budget(bytes=byte_budgets[i % len(byte_budgets)], flops=f)
+            self.assert_fits(problem, both, self.solve(problem, both))
+
+    # Every subclass runs this one method: its examples are shared through hypothesis's database
+    # (differing executors), which only replays one solver's failures on the others.
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.differing_executors])
+    @given(seed=st.integers(0, 10_000), n_layers=st.integers(2, 7), q=st.floats(0.0, 1.0),
+           sparsity=st.booleans(), rules=st.booleans())
+    def test_random_coupled_problems(self, seed, n_layers, q, sparsity, rules):
+        problem = coupled_problem(seed, n_layers, sparsity=sparsity, rules=rules, overhead=True)
+        lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+        budget = Budget(bytes=int(lo + q * (hi - lo)))
+        self.assert_fits(problem, budget, self.solve(problem, budget, seed=seed))
+
+    # -- determinism and rules -------------------------------------------------------------------
+    @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
+    def test_deterministic_for_a_seed(self, problem_name):
+        a, b = PROBLEMS[problem_name](), PROBLEMS[problem_name]()  # fresh problems: no shared caches
+        for q in (.1, .5, .9):
+            lo, hi = a.bytes(a.most_compressed()), a.bytes(a.uncompressed())
+            budget = Budget(bytes=int(lo + q * (hi - lo)))
+            assert self.solve(a, budget, seed=0) == self.solve(b, budget, seed=0)
+
+    def test_single_option_knobs_keep_their_option(self):
+        problem = PROBLEMS["coupled-rules"]()
+        fixed = [(j, k) for j, k in enumerate(problem.knobs) if len(k.options) == 1]
+        assert {k.kind for _, k in fixed} == {"keep", "bits"}  # the problem has both kinds of rule
+        for b in budgets(problem):
+            plan = self.solve(problem, Budget(bytes=b))
+            choice = self.assert_fits(problem, Budget(bytes=b), plan)
+            assert all(choice[j] == 0 for j, _ in fixed)
+            for _, knob in fixed:
+                if knob.kind == "keep":
+                    assert int(knob.target) not in plan.channels, f"group {knob.target} may not be pruned"
+                else:
+                    assert plan.layers[str(knob.target)].bits == knob.options[0]

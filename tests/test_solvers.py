@@ -1,0 +1,259 @@
+"""Solver plugins: the built-ins pass the conformance class, greedy's own promises (exact-cost
+economy, ties, relax-back, an infeasible budget named), greedy against uniform, and the registry:
+built-ins through the entry-point group, unknown names, bad options, and a fake third-party package
+installed into a temporary path the same way a real one would be."""
+
+import importlib
+import itertools
+import sys
+import textwrap
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compressc.plan import Plan
+from compressc.problem import Budget, Problem
+from compressc.solvers.base import ENTRY_POINT_GROUP, SolverError, UnknownSolverError, available_solvers, get_solver
+from compressc.solvers.greedy import GreedySolver
+from compressc.solvers.uniform import UniformSolver
+
+from .solver_conformance import SolverConformance, choice_of, coupled_problem, separable_problem
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILTINS = {"uniform", "greedy", "convex"}
+
+
+class TestUniform(SolverConformance):
+    solver_factory = UniformSolver
+
+
+class TestGreedy(SolverConformance):
+    solver_factory = GreedySolver
+
+    def test_a_budget_below_the_minimum_names_the_minimum(self):
+        problem = coupled_problem(7, 5)
+        floor = problem.bytes(problem.most_compressed())
+        with pytest.raises(SolverError, match=f"{floor:,} bytes"):
+            GreedySolver().solve(problem, Budget(bytes=floor - 1), np.random.default_rng(0))
+
+    def test_few_exact_cost_calls_when_tensor_costs_describe_the_problem(self):
+        problem = coupled_problem(11, 12)
+        calls = []
+        exact = problem.bytes_of
+        problem.bytes_of = lambda plan: calls.append(plan) or exact(plan)
+        lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+        calls.clear()
+        steps = sum(len(k.options) - 1 for k in problem.knobs)
+        for q in (.1, .3, .6):
+            problem._bytes.cache_clear()
+            GreedySolver().solve(problem, Budget(bytes=int(lo + q * (hi - lo))), np.random.default_rng(0))
+        # two end points + a bisection over the descent path + the relax-back's accepted undos, per solve
+        assert len(calls) / 3 <= 2 + np.log2(steps) + 1 + len(problem.knobs), (len(calls), steps)
+
+    def test_ties_go_to_the_lower_knob_index(self):
+        p = Problem.from_table(options=[(32, 8)] * 3, distortion=[(0, .5)] * 3, bytes_table=[(400, 100)] * 3)
+        plan = GreedySolver().solve(p, Budget(bytes=900), np.random.default_rng(0))
+        assert set(plan.layers) == {"t0.weight"}
+
+    def test_a_steep_first_step_does_not_hide_a_cheap_jump(self):
+        # t0: going to 8 bits barely saves (a big header), going to 2 saves a lot for little more distortion
+        p = Problem.from_table(options=[(32, 8, 2), (32, 8, 2)], distortion=[(0, .30, .31), (0, .5, 5.0)],
+                               bytes_table=[(1000, 990, 100), (1000, 400, 300)])
+        plan = GreedySolver(relax=False).solve(p, Budget(bytes=1100), np.random.default_rng(0))
+        assert plan.layers["t0.weight"].bits == 2 and "t1.weight" not in plan.layers
+
+    @settings(max_examples=25, deadline=None)
+    @given(seed=st.integers(0, 10_000), q=st.floats(0.0, 1.0))
+    def test_relax_back_only_lowers_the_objective(self, seed, q):
+        problem = coupled_problem(seed, 6, overhead=True)
+        lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+        budget, rng = Budget(bytes=int(lo + q * (hi - lo))), np.random.default_rng(0)
+        relaxed = problem.objective(choice_of(problem, GreedySolver().solve(problem, budget, rng)))
+        plain = problem.objective(choice_of(problem, GreedySolver(relax=False).solve(problem, budget, rng)))
+        assert relaxed <= plain + 1e-12
+
+
+def _compare(problems, solvers=(GreedySolver(), UniformSolver()), qs=(.1, .3, .5, .7)):
+    """Objective of each solver's plan on each (problem, budget fraction)."""
+    rows = []
+    for problem in problems:
+        lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+        for q in qs:
+            budget = Budget(bytes=int(lo + q * (hi - lo)))
+            rows.append([problem.objective(choice_of(problem, s.solve(problem, budget, np.random.default_rng(0))))
+                         for s in solvers])
+    return np.array(rows)
+
+
+def test_greedy_beats_or_ties_uniform_on_most_random_problems():
+    coupled = _compare([coupled_problem(seed, 6, overhead=True) for seed in range(100, 130)])
+    separable = _compare([separable_problem(seed, 8) for seed in range(100, 115)])
+    for table in (coupled, separable):
+        greedy, uniform = table.T
+        assert np.mean(greedy <= uniform + 1e-9) >= 0.9
+        assert greedy.sum() < 0.8 * uniform.sum()
+
+
+# --- the registry ------------------------------------------------------------------------------------
+
+def test_the_registry_lists_the_builtins():
+    assert BUILTINS <= set(available_solvers())
+
+
+def test_builtins_are_declared_as_entry_points_like_any_plugin():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    installed = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    assert BUILTINS <= set(declared)
+    assert all(value.startswith("compressc.solvers.") for value in declared.values())
+    assert {name: installed.get(name) for name in declared} == declared, \
+        "the installed metadata is stale: run `pip install -e .` again"
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_each_builtin_loads_through_get_solver(name):
+    if name == "convex":
+        pytest.importorskip("compressc.solvers.convex")
+    solver = get_solver(name)
+    assert type(solver).name == name
+
+
+def test_an_unknown_name_lists_the_installed_solvers_and_a_close_match():
+    with pytest.raises(UnknownSolverError) as err:
+        get_solver("gredy")
+    message = str(err.value)
+    assert all(name in message for name in BUILTINS)
+    assert "did you mean 'greedy'?" in message
+    assert isinstance(err.value, SolverError)
+
+
+@pytest.mark.parametrize("name, options", [("greedy", {"bogus": 1}), ("greedy", {"relax": "yes"}),
+                                           ("uniform", {"bogus": 1})])
+def test_bad_options_raise_solver_error(name, options):
+    with pytest.raises(SolverError, match=f"solver {name!r}: bad options"):
+        get_solver(name, **options)
+
+
+# --- a third-party plugin, installed the way pip would ------------------------------------------------
+
+FAKE_MODULE = "compressc_fake_solver_plugin"
+
+FAKE_SOURCE = '''\
+class FakeSolver:
+    """Compress whole knobs, first to last, until the budget fits."""
+
+    name = "fake"
+    capabilities = frozenset({"bytes", "flops"})
+
+    def __init__(self, first=0):
+        self.first = int(first)
+
+    def solve(self, problem, budget, rng):
+        choice = list(problem.uncompressed())
+        order = list(range(len(choice)))
+        order = order[self.first:] + order[:self.first]
+        for j in order:
+            if problem.feasible(choice, budget):
+                break
+            choice[j] = len(problem.knobs[j].options) - 1
+        return problem.plan(choice)
+'''
+
+
+def _install_fake_plugin(root: Path, mp: pytest.MonkeyPatch) -> None:
+    """A module and its ``.dist-info`` (METADATA + entry_points.txt) in ``root``, put on sys.path."""
+    (root / f"{FAKE_MODULE}.py").write_text(FAKE_SOURCE)
+    info = root / "fake_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(f"""\
+        [{ENTRY_POINT_GROUP}]
+        fake = {FAKE_MODULE}:FakeSolver
+        """))
+    mp.syspath_prepend(str(root))  # also invalidates importlib's caches
+    mp.delitem(sys.modules, FAKE_MODULE, raising=False)
+
+
+def _uninstall(mp: pytest.MonkeyPatch) -> None:
+    mp.undo()
+    sys.modules.pop(FAKE_MODULE, None)
+    importlib.invalidate_caches()
+
+
+class TestFakePlugin(SolverConformance):
+    """The whole conformance class, for a solver that only the entry-point machinery can find."""
+
+    solver_factory = staticmethod(lambda: get_solver("fake"))
+
+    @pytest.fixture(autouse=True, scope="class")
+    def _installed(self, tmp_path_factory):
+        mp = pytest.MonkeyPatch()
+        _install_fake_plugin(tmp_path_factory.mktemp("site"), mp)
+        yield
+        _uninstall(mp)
+
+    def test_listed_next_to_the_builtins(self):
+        assert {"fake"} | BUILTINS <= set(available_solvers())
+        assert type(get_solver("fake")).__module__ == FAKE_MODULE
+
+    def test_options_reach_the_plugin_and_bad_ones_raise_solver_error(self):
+        assert get_solver("fake", first=2).first == 2
+        with pytest.raises(SolverError, match="solver 'fake': bad options"):
+            get_solver("fake", nope=1)
+
+
+def test_a_plugin_comes_and_goes_with_its_path(tmp_path):
+    assert "fake" not in available_solvers()
+    mp = pytest.MonkeyPatch()
+    _install_fake_plugin(tmp_path, mp)
+    try:
+        assert "fake" in available_solvers()
+        plan = get_solver("fake").solve(separable_problem(0), Budget(bytes=10**9), np.random.default_rng(0))
+        assert plan == Plan()
+    finally:
+        _uninstall(mp)
+    assert "fake" not in available_solvers()
+    with pytest.raises(UnknownSolverError, match="installed: "):
+        get_solver("fake")
+
+
+# --- greedy against AIMET's target bisection and the optimum (docs/solvers.md's table) ---------------
+
+def _target_bisection(problem: Problem, budget: Budget) -> tuple[int, ...]:
+    """AIMET's scheme: one distortion target for all knobs, each at its most compressed option within
+    it, the target bisected until the costs fit."""
+    targets = sorted({d for knob in problem.knobs for d in knob.distortion})
+
+    def choice(t):
+        return tuple(max(i for i, d in enumerate(k.distortion) if d <= t) for k in problem.knobs)
+
+    lo, hi = -1, len(targets) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if problem.feasible(choice(targets[mid]), budget) else (mid, hi)
+    return choice(targets[hi])
+
+
+def _optimum(problem: Problem, budget: Budget) -> float:
+    return min(problem.objective(c) for c in itertools.product(*(range(len(k.options)) for k in problem.knobs))
+               if problem.feasible(c, budget))
+
+
+@pytest.mark.slow
+def test_greedy_against_target_bisection_and_the_optimum():
+    for problems in ([coupled_problem(s, 3, overhead=True) for s in range(200, 230)],
+                     [separable_problem(s, 6) for s in range(200, 230)]):
+        greedy, bisection, optimum = [], [], []
+        for problem in problems:
+            lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+            for q in (.1, .3, .5, .7):
+                budget = Budget(bytes=int(lo + q * (hi - lo)))
+                greedy.append(problem.objective(choice_of(problem, GreedySolver().solve(problem, budget, np.random.default_rng(0)))))
+                bisection.append(problem.objective(_target_bisection(problem, budget)))
+                optimum.append(_optimum(problem, budget))
+        assert sum(greedy) < 0.9 * sum(bisection)
+        assert sum(greedy) <= 1.1 * sum(optimum)
