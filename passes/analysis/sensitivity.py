@@ -164,6 +164,18 @@ def _evaluate_identity(evaluate: Callable | None) -> str | None:
     return f"{getattr(evaluate, '__module__', '?')}.{getattr(evaluate, '__qualname__', type(evaluate).__qualname__)}:{digest}"
 
 
+def _code_digest() -> str:
+    """sha256 of the source of this pass and of the lowering passes it builds modules with: a change
+    to the quantizer or the pruning invalidates what was measured with the old code."""
+    from compressc.passes.lowering import compact, fold_batchnorm, prune_channels, quantize, sparsify
+
+    h = hashlib.sha256()
+    for module in (compact, fold_batchnorm, prune_channels, quantize, sparsify):
+        h.update(Path(module.__file__).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()
+
+
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/compressc/sensitivity`` (``~/.cache/compressc/sensitivity`` when unset)."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -399,7 +411,7 @@ def measure_sensitivity(
         for x in batch:
             _update(h, x)
     context = {"model": model_hash(graph), "calibration": h.hexdigest(), "evaluate": _evaluate_identity(evaluate),
-               "torch": torch.__version__, "version": CACHE_VERSION}
+               "code": _code_digest(), "torch": torch.__version__, "version": CACHE_VERSION}
     cache = _Cache(directory, context, with_score=evaluate is not None)
 
     keys = {(j, i): _point_key(k, k.options[i], ranking, scheme, sparsity_kind)
