@@ -15,6 +15,7 @@ from .passes.lowering.prune_channels import masked_reference, prune_channels
 from .plan import LayerSettings, Plan
 from .spec import Spec, SpecError
 from .artifact.bundle import load
+from .driver import CompileResult, compile
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,8 @@ __all__ = [
     "Spec",
     "SpecError",
     "load",
+    "compile",
+    "CompileResult",
     "ChannelGroup",
     "GroupMember",
     "Graph",

@@ -5,10 +5,9 @@ shapes, parameters, MACs and its share of the model's MACs; ``--json`` prints th
 Every ``UserError`` (a bad model file, an untraceable model) becomes ``error: ...`` on stderr and
 exit code 2; any other exception is a bug and keeps its traceback.
 
-The top-level group routes a first argument that is not a subcommand to a default command
-(``DefaultCommandGroup``), so ``compressc MODEL.py --target-size 4MB`` can later mean
-``compressc compile MODEL.py --target-size 4MB``. No default command is registered yet, so for now
-that is a usage error listing the commands.
+The top-level group routes a first argument that is not a subcommand to the default command
+(``DefaultCommandGroup``), so ``compressc MODEL.py --target-size 4MB`` means
+``compressc compile MODEL.py --target-size 4MB`` (``compressc.cli_compile``).
 
 >>> from click.testing import CliRunner
 >>> result = CliRunner().invoke(main, ["--version"])
@@ -125,7 +124,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
         ctx.exit()
 
 
-@click.group(cls=CompresscGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CompresscGroup, default_command="compile", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Print the version and exit.")
 def main() -> None:
@@ -241,3 +240,6 @@ def _print_table(graph: Graph, show_all: bool) -> None:
                       markup=False, highlight=False)
         for leaf in graph.leaves:
             console.print(f"  {leaf.module_path} ({leaf.module_type}): {leaf.reason}", markup=False, highlight=False)
+
+
+from compressc import cli_compile  # noqa: E402,F401  (registers the default `compile` command)

@@ -1,0 +1,123 @@
+"""``compressc MODEL.py --target-size 4MB``: the compile command (the group's default command).
+
+Nothing is written unless the whole run succeeds: bad flags, a bad spec, an impossible target or a
+model-file error exit with code 2 before any output exists, and the artifact directory is written
+atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from compressc.artifact.bundle import ArtifactExistsError
+from compressc.cli import main
+from compressc.console import format_bytes, format_count
+from compressc.errors import UserError
+from compressc.frontends.loader import load_model_file
+from compressc.spec import Spec
+
+__all__ = ["compile_command", "default_output_dir"]
+
+
+def default_output_dir(model_file: Path) -> Path:
+    """``model.py`` -> ``model.compressc/`` next to it (never the input itself)."""
+    return model_file.with_name(f"{model_file.stem}.compressc")
+
+
+@main.command("compile")
+@click.argument("model_file", metavar="MODEL.py", type=click.Path(path_type=Path))
+@click.option("--target-size", help="Byte budget of the weights file: 4MB, 512KiB, 123456, 25% (of fp32), 8x.")
+@click.option("--target-flops", help="FLOPs budget: 150M, 1.2G, 50%, 4x.")
+@click.option("--max-accuracy-drop", help="Largest allowed drop of evaluate(): 0.01 or 1%.")
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="Artifact directory [MODEL.compressc/].")
+@click.option("--solver", help="Solver plugin (uniform, greedy, convex, or an installed third-party one).")
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path), help="A compress.toml spec; flags override it.")
+@click.option("--finetune-epochs", type=int, help="Epochs of distillation fine-tuning (needs train_loader).")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to measure and fine-tune.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
+                    finetune_epochs, seed, device, as_json: bool, force: bool) -> None:
+    """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
+    import compressc
+
+    spec = Spec.from_toml(spec_file) if spec_file is not None else Spec()
+    overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
+                 "solver": solver, "seed": seed, "device": device,
+                 "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None}
+    spec = spec.merged({k: v for k, v in overrides.items() if v is not None})
+    if not spec.has_target:
+        raise UserError("no target given", hint="add --target-size 4MB (or --target-flops / --max-accuracy-drop, or a spec file)")
+    out = output if output is not None else default_output_dir(model_file)
+    if out.resolve() == model_file.resolve():
+        raise UserError(f"output {out} would overwrite the model file", hint="choose another -o directory")
+    if out.exists() and not force:
+        raise ArtifactExistsError(f"{out} already exists", hint="choose another -o directory, or pass --force to replace it")
+    err = Console(stderr=True)
+    mf = load_model_file(model_file)
+    if spec.finetune.epochs > 0 and mf.train_loader is None:
+        err.print(f"[yellow]note:[/] {model_file} has no train_loader: fine-tuning is skipped")
+    result = compressc.compile(
+        mf.module, mf.example_inputs, spec=spec, evaluate=mf.evaluate, train_loader=mf.train_loader,
+        calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn, progress=err.is_terminal,
+        log=lambda msg: err.print(f"[dim]compressc:[/] {msg}"),
+    )
+    report = dict(result.report, model_file=str(model_file))
+    if result.report.get("noop"):
+        msg = (f"the target is not smaller than the model ({format_bytes(report['original']['weights_bytes'])}): "
+               "nothing to compress, nothing written")
+        if as_json:
+            click.echo(json.dumps(report, indent=2, default=str))
+        err.print(f"note: {msg}")
+        return
+    result.report = report
+    info = result.save(out, force=force)
+    if as_json:
+        click.echo(json.dumps(dict(report, weights_bytes=info.weights_bytes, model_py_bytes=info.model_py_bytes,
+                                   output=str(info.directory)), indent=2, default=str))
+        return
+    _print_summary(report, info)
+
+
+def _print_summary(report: dict, info) -> None:
+    console = Console(width=max(100, Console().width), file=sys.stdout)
+    before, after = report["original"], report["compressed"]
+    table = Table(title=f"compressc: {report.get('model_file', '')} -> {info.directory}")
+    for col in ("", "before", "after", "ratio"):
+        table.add_column(col, justify="right")
+
+    def ratio(a, b):
+        return f"{a / b:.1f}x" if a and b else ""
+
+    table.add_row("weights file", format_bytes(before["weights_bytes"]), format_bytes(info.weights_bytes),
+                  ratio(before["weights_bytes"], info.weights_bytes))
+    table.add_row("target", "", format_bytes(report["target_bytes"]) if report["target_bytes"] else "-", "")
+    table.add_row("model.py", "", format_bytes(info.model_py_bytes), "")
+    table.add_row("parameters", format_count(before["params"]), format_count(after["params"]), ratio(before["params"], after["params"]))
+    table.add_row("MACs", format_count(before["macs"]), format_count(after["macs"]), ratio(before["macs"], after["macs"]))
+    if before.get("accuracy") is not None:
+        table.add_row("accuracy", f"{before['accuracy']:.4f}", f"{after['accuracy']:.4f}",
+                      f"{after['accuracy'] - before['accuracy']:+.4f}")
+    console.print(table)
+    layers = Table(title=f"plan ({report['solver']}, seed {report['seed']})")
+    for col in ("weight", "bits", "sparsity"):
+        layers.add_column(col, justify="right" if col != "weight" else "left")
+    for name, s in report["plan_summary"]["layers"].items():
+        layers.add_row(name, str(s["bits"]), f"{s['sparsity']:.0%}" if s["sparsity"] else "-")
+    if report["plan_summary"]["layers"]:
+        console.print(layers)
+    if report["plan_summary"]["channels"]:
+        groups = Table(title="channels kept")
+        for col in ("group", "kept", "modules"):
+            groups.add_column(col)
+        for gid, c in report["plan_summary"]["channels"].items():
+            groups.add_row(gid, f"{c['kept']}/{c['of']}", ", ".join(c["modules"][:4]) + (" ..." if len(c["modules"]) > 4 else ""))
+        console.print(groups)
+    console.print(f"wrote {info.directory} (report.json has the full plan); load it with compressc.load({str(info.directory)!r})")

@@ -1,0 +1,286 @@
+"""``compressc.compile``: trace -> analyse -> solve -> lower -> fine-tune -> measure -> (tighten).
+
+The driver is straight-line code over the passes. It never hands back a model whose weights file is
+over the byte target: the file's bytes are measured after lowering, and if they exceed the target
+(they should not: the size model is exact) the budget is tightened by the overshoot and the plan
+solved again.
+
+>>> import torch, compressc
+>>> net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)).eval()
+>>> result = compressc.compile(net, (torch.randn(2, 32),), target_size="25%", solver="uniform", progress=False)
+>>> result.report["weights_bytes"] <= result.report["target_bytes"]
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from compressc.artifact import encode_weights
+from compressc.errors import UserError
+from compressc.frontends.fx import trace
+from compressc.ir import Graph
+from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, prepare
+from compressc.plan import Plan
+from compressc.problem import Budget, Problem
+from compressc.solvers.base import get_solver
+from compressc.spec import Spec
+from compressc.units import parse_size
+
+__all__ = ["compile", "CompileResult", "BudgetError"]
+
+
+class BudgetError(UserError):
+    """The targets cannot be met by any plan the spec allows."""
+
+
+@dataclass
+class CompileResult:
+    """The compiled model: ``module`` (an nn.Module computing what the artifact computes), ``plan``,
+    ``report`` (what report.json holds) and ``save(directory)``."""
+
+    module: nn.Module
+    plan: Plan
+    report: dict[str, Any]
+    compact: Compact | None
+
+    def save(self, directory, *, force: bool = False):
+        if self.compact is None:
+            raise UserError("nothing to save: the target does not require compressing the model")
+        return self.compact.save(directory, report=self.report, force=force)
+
+
+def _evaluate(evaluate: Callable | None, module: nn.Module) -> float | None:
+    if evaluate is None:
+        return None
+    value = evaluate(module)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(float(value)):
+        raise UserError(f"evaluate(model) returned {value!r}; it must return a finite number (higher is better)")
+    return float(value)
+
+
+def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list[tuple] | None:
+    """Up to ``n`` input batches from the loader; None lets the sensitivity pass draw seeded random
+    batches shaped like the example inputs."""
+    if calibration_loader is None:
+        return None
+    batches = []
+    for batch in calibration_loader:
+        if isinstance(batch, torch.Tensor):
+            batches.append((batch,))
+        elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            batches.append((batch[0],))
+        if len(batches) >= n:
+            break
+    return batches or None
+
+
+def _float_originals(module: nn.Module) -> nn.Module:
+    """A copy of a fake-quantized module whose parametrized weights are the trained float originals."""
+    module = copy.deepcopy(module)
+    for owner in list(module.modules()):
+        if parametrize.is_parametrized(owner):
+            for name in list(owner.parametrizations.keys()):
+                parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
+    return module
+
+
+def _finetune(prepared, teacher, train_loader, spec: Spec, evaluate, loss_fn, progress: bool):
+    from compressc.finetune import FinetuneConfig, finetune
+    from compressc.passes.lowering.fake_quant import fake_quantize_module
+
+    student = fake_quantize_module(prepared.module, prepared.specs, masks=prepared.element_masks())
+    config = FinetuneConfig(epochs=spec.finetune.epochs, lr=spec.finetune.lr, temperature=spec.finetune.temperature,
+                            distill_weight=spec.finetune.distill_weight, batches_per_epoch=spec.finetune.batches_per_epoch,
+                            device=spec.device, seed=spec.seed)
+    report = finetune(student, teacher, train_loader, config, loss_fn=loss_fn, evaluate=evaluate, progress=progress)
+    return _float_originals(student), report
+
+
+def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph) -> dict[str, Any]:
+    from compressc.passes.analysis.channel_groups import analyze_channels
+
+    groups = analyze_channels(graph).groups
+    channels = {}
+    for gid, kept in plan.channels.items():
+        modules = sorted({m.tensor.rpartition(".")[0] for m in groups[gid].members if m.tensor and m.role == "out"})
+        channels[str(gid)] = {"kept": len(kept), "of": groups[gid].size, "modules": modules}
+    layers = {name: {"bits": s.bits, "scheme": s.scheme, "sparsity": s.sparsity, "sparsity_kind": s.sparsity_kind}
+              for name, s in plan.layers.items()}
+    return {"channels": channels, "layers": layers}
+
+
+def compile(
+    model: nn.Module,
+    example_inputs,
+    target_size: str | int | None = None,
+    *,
+    target_flops: str | int | None = None,
+    max_accuracy_drop: float | str | None = None,
+    solver: str | None = None,
+    spec: Spec | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    train_loader: Iterable | None = None,
+    calibration_loader: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    finetune_epochs: int | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    cache_dir=None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> CompileResult:
+    """Compress ``model`` to the targets and return the compact model with its report.
+
+    Arguments given here override ``spec``'s (the CLI passes its flags the same way). Raises
+    ``UserError`` subclasses for requests no plan can meet (with the achievable minimum), and
+    ``SpecError`` / ``SizeError`` for bad values.
+    """
+    t0 = time.perf_counter()
+    say = log or (lambda msg: None)
+    overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
+                 "solver": solver, "seed": seed, "device": device,
+                 "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None}
+    spec = (spec or Spec()).merged({k: v for k, v in overrides.items() if v is not None}, source="compile() arguments")
+    if not spec.has_target:
+        raise BudgetError("no target given", hint="pass target_size (e.g. '4MB', '25%', '8x'), target_flops or max_accuracy_drop")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    torch.manual_seed(spec.seed)
+    model.eval()
+    say("tracing")
+    graph = trace(model, tuple(example_inputs))
+    totals = graph.totals()
+    original_bytes = predict_bytes(graph, Plan())
+    budget = Budget(bytes=spec.target_bytes(totals.weight_bytes), flops=spec.target_flops_value(totals.flops))
+    timings = {"trace_s": time.perf_counter() - t0}
+    accuracy_before = _evaluate(evaluate, model)
+    report: dict[str, Any] = {
+        "spec": spec.to_dict(), "solver": spec.solver, "seed": spec.seed,
+        "original": {"weights_bytes": original_bytes, "fp32_weight_bytes": totals.weight_bytes, "params": totals.params,
+                     "macs": totals.macs, "flops": totals.flops, "accuracy": accuracy_before},
+        "target_bytes": budget.bytes, "target_flops": budget.flops,
+    }
+    if (budget.bytes is None or budget.bytes >= original_bytes) and (budget.flops is None or budget.flops >= totals.flops) \
+            and spec.max_accuracy_drop is None:
+        report.update(noop=True, weights_bytes=original_bytes, plan=Plan().to_dict())
+        return CompileResult(model, Plan(), report, None)
+
+    say("measuring sensitivities")
+    from compressc.problem_builder import build_problem
+
+    t1 = time.perf_counter()
+    problem = build_problem(graph, spec, evaluate=evaluate, data=train_loader,
+                            calibration_inputs=_calibration_inputs(calibration_loader),
+                            cache_dir=cache_dir, progress=progress)
+    timings["sensitivity_s"] = time.perf_counter() - t1
+    floor = problem.most_compressed()
+    if budget.bytes is not None and problem.bytes(floor) > budget.bytes:
+        raise BudgetError(
+            f"target size {budget.bytes:,} bytes is below the smallest size this spec allows: {problem.bytes(floor):,} bytes",
+            hint="ask for at least that much, or allow more compression (lower bits, keep ratios or sparsity in the spec)",
+        )
+    if budget.flops is not None and problem.flops(floor) > budget.flops:
+        raise BudgetError(
+            f"target FLOPs {budget.flops:,} are below the fewest this spec allows: {problem.flops(floor):,}",
+            hint="raise --target-flops, or allow lower keep ratios (channel pruning reduces FLOPs; bits do not)",
+        )
+    if budget.bytes is None and budget.flops is None:  # accuracy-only target: the smallest that keeps it
+        budget = _accuracy_budget(problem, graph, spec, evaluate, accuracy_before, say)
+    solver_impl = get_solver(spec.solver, **spec.solver_options)
+    rng = np.random.default_rng(spec.seed)
+    effective = budget
+    for attempt in range(5):
+        t2 = time.perf_counter()
+        say(f"solving with {spec.solver}")
+        plan = solver_impl.solve(problem, effective, rng)
+        timings["solve_s"] = time.perf_counter() - t2
+        prepared = prepare(graph, plan)
+        finetune_report = None
+        trained = None
+        if train_loader is not None and spec.finetune.epochs > 0:
+            say("fine-tuning")
+            t3 = time.perf_counter()
+            trained, finetune_report = _finetune(prepared, graph.module, train_loader, spec, evaluate, loss_fn, progress)
+            timings["finetune_s"] = time.perf_counter() - t3
+        compact = finalize(prepared, trained)
+        measured = len(encode_weights(compact.records))
+        if budget.bytes is None or measured <= budget.bytes:
+            break
+        say(f"measured {measured:,} bytes > target {budget.bytes:,}: tightening")
+        effective = Budget(bytes=effective.bytes - (measured - budget.bytes), flops=effective.flops)
+    else:
+        raise BudgetError(f"could not meet {budget.bytes:,} bytes after 5 attempts (last: {measured:,})")
+    after = trace(compact.module, tuple(example_inputs)).totals()
+    accuracy_after = _evaluate(evaluate, compact.module)
+    report.update(
+        noop=False,
+        plan=plan.to_dict(),
+        plan_summary=_plan_summary(plan, problem, graph),
+        predicted_bytes=problem.bytes(_choice_of(problem, plan)) if _choice_of(problem, plan) is not None else None,
+        weights_bytes=measured,
+        compressed={"params": after.params, "macs": after.macs, "flops": after.flops, "accuracy": accuracy_after},
+        objective=_objective(problem, plan),
+        attempts=attempt + 1,
+        finetune=None if finetune_report is None else {
+            "losses": list(finetune_report.losses), "accuracies": finetune_report.accuracies and list(finetune_report.accuracies),
+            "best_epoch": finetune_report.best_epoch},
+        timings={k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()},
+    )
+    if spec.max_accuracy_drop is not None and accuracy_before is not None and accuracy_after is not None:
+        report["accuracy_floor_met"] = accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12
+    return CompileResult(compact.module, plan, report, compact)
+
+
+def _choice_of(problem: Problem, plan: Plan):
+    """The option indices that produce ``plan`` (None if the plan did not come from these knobs)."""
+    choice = []
+    for knob in problem.knobs:
+        if knob.kind == "keep":
+            kept = plan.channels.get(int(knob.target))
+            value = knob.options[0] if kept is None else len(kept)
+        else:
+            s = plan.layers.get(str(knob.target))
+            value = (s.bits if s else 32) if knob.kind == "bits" else (s.sparsity if s else 0.0)
+        if value not in knob.options:
+            return None
+        choice.append(knob.options.index(value))
+    return tuple(choice)
+
+
+def _objective(problem: Problem, plan: Plan) -> float | None:
+    choice = _choice_of(problem, plan)
+    return None if choice is None else problem.objective(choice)
+
+
+def _accuracy_budget(problem: Problem, graph: Graph, spec: Spec, evaluate, accuracy_before, say) -> Budget:
+    """Bisect a byte budget: the smallest whose plan (without fine-tuning) keeps the accuracy floor."""
+    if evaluate is None or accuracy_before is None:
+        raise BudgetError("max_accuracy_drop needs an evaluate(model) function in the model file",
+                          hint="add evaluate(model) -> float to the model file, or give --target-size")
+    from compressc.passes.lowering.compact import lower
+
+    solver_impl = get_solver(spec.solver, **spec.solver_options)
+    lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+    best = hi
+    for _ in range(8):
+        mid = (lo + hi) // 2
+        plan = solver_impl.solve(problem, Budget(bytes=mid), np.random.default_rng(spec.seed))
+        accuracy = _evaluate(evaluate, lower(graph, plan).module)
+        say(f"accuracy at {mid:,} bytes: {accuracy:.4f}")
+        if accuracy_before - accuracy <= spec.max_accuracy_drop:
+            best, hi = mid, mid
+        else:
+            lo = mid + 1
+        if hi - lo < max(64, hi // 100):
+            break
+    return Budget(bytes=best)

@@ -1,0 +1,150 @@
+"""From a traced model and a ``Spec`` to the ``Problem`` the solvers see.
+
+Knobs: one ``keep`` knob per prunable channel group (options from the spec's keep-ratio grid, after
+per-layer rules: ``prune = false``, ``min_channels``, ``round_to``), one ``bits`` knob per weight tensor
+(the spec's bit-widths, or the one a rule fixes) and one ``sparsity`` knob per weight tensor when the
+spec allows sparsity. Units of a group are ranked by the spec's importance criterion, with the best
+unit of every segment first so any option keeps each split part non-empty. Distortions come from the
+sensitivity pass; exact costs from the lowering passes and the size model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from compressc.ir import Graph
+from compressc.passes.analysis.channel_groups import ChannelGroup, analyze_channels
+from compressc.passes.analysis.channel_plan import predict_cost
+from compressc.passes.analysis.importance import get_criterion
+from compressc.passes.lowering.compact import predict_bytes
+from compressc.plan import Plan, weight_tensors
+from compressc.problem import Knob, Problem, TensorCost
+from compressc.spec import Spec
+
+__all__ = ["build_problem", "group_modules", "segment_aware_ranking"]
+
+
+def group_modules(group: ChannelGroup) -> list[str]:
+    """Module paths of a group's weight members (``features.0`` for ``features.0.weight``)."""
+    return sorted({m.tensor.rpartition(".")[0] for m in group.members if m.tensor and m.role in ("out", "in")})
+
+
+def segment_aware_ranking(group: ChannelGroup, scores: np.ndarray) -> tuple[int, ...]:
+    """Units from most to least important, except that the best unit of each segment comes first."""
+    order = list(np.argsort(-scores, kind="stable"))
+    first = []
+    for seg in group.segments:
+        best = max(seg.tolist(), key=lambda u: (scores[u], -u))
+        if best not in first:
+            first.append(best)
+    return tuple(int(u) for u in first + [u for u in order if u not in first])
+
+
+def _keep_options(group: ChannelGroup, spec: Spec, modules: list[str]) -> tuple[int, ...]:
+    rules = [spec.rule_for(m) for m in modules]
+    if any(r.prune is False for r in rules):
+        return (group.size,)
+    min_keep = max([r.min_channels for r in rules] + [len(group.segments), 1])
+    multiple = max([r.round_to for r in rules] + [1])
+    counts = {group.size}
+    for ratio in spec.actions.keep_ratio_choices:
+        k = int(round(ratio * group.size))
+        k = int(np.ceil(k / multiple) * multiple) if multiple > 1 else k
+        if min_keep <= k <= group.size:
+            counts.add(k)
+    return tuple(sorted(counts, reverse=True))
+
+
+def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]:
+    analysis = analyze_channels(graph)
+    keep_index = {int(k.target): i for i, k in enumerate(knobs) if k.kind == "keep"}
+    bits_index = {k.target: i for i, k in enumerate(knobs) if k.kind == "bits"}
+    sparse_index = {k.target: i for i, k in enumerate(knobs) if k.kind == "sparsity"}
+    params = dict(graph.module.named_parameters())
+    macs_of_module: dict[str, int] = {}
+    for node in graph.nodes():
+        if node.op == "call_module":
+            macs_of_module[node.target] = macs_of_module.get(node.target, 0) + graph.cost_of(node).macs
+    costs = []
+    for name in weight_tensors(graph.module):
+        dims = analysis.tensor_dims.get(name, {})
+
+        def coupling(dim: int) -> tuple[tuple[int, float], ...]:
+            slots = dims.get(dim)
+            if slots is None:
+                return ()
+            gids = analysis.group_of_slot[slots]
+            out = []
+            for gid in np.unique(gids[gids >= 0]).tolist():
+                if gid in keep_index:
+                    out.append((keep_index[gid], float((gids == gid).mean())))
+            return tuple(out)
+
+        costs.append(TensorCost(
+            tensor=name, numel=params[name].numel(), out_keep=coupling(0), in_keep=coupling(1),
+            bits_knob=bits_index.get(name), sparsity_knob=sparse_index.get(name),
+            per_row_bytes=2.0 * params[name].shape[0],  # one float16 scale per output channel
+            macs=macs_of_module.get(name.rpartition(".")[0], 0),
+        ))
+    return tuple(costs)
+
+
+def build_problem(
+    graph: Graph,
+    spec: Spec,
+    *,
+    evaluate: Callable[[torch.nn.Module], float] | None = None,
+    calibration_inputs: list[tuple] | None = None,
+    data: Any = None,
+    cache_dir=None,
+    progress: bool = False,
+) -> Problem:
+    """The compression problem of ``graph`` under ``spec`` (sensitivities measured, then cached)."""
+    from compressc.passes.analysis.sensitivity import measure_sensitivity
+
+    analysis = analyze_channels(graph)
+    actions = spec.actions
+    knobs: list[Knob] = []
+    ranking: dict[int, tuple[int, ...]] = {}
+    if actions.prune_channels or any(r.prune for r in spec.rules):
+        prunable = [g for g in analysis.groups if g.prunable and g.size >= 2]
+        criterion = get_criterion(spec.importance)
+        scores = criterion.scores(graph, prunable, data) if prunable else {}
+        for group in prunable:
+            options = _keep_options(group, spec, group_modules(group))
+            if len(options) > 1:
+                ranking[group.id] = segment_aware_ranking(group, np.asarray(scores[group.id]))
+                knobs.append(Knob(f"keep:{group.id}", "keep", group.id, options, (0.0,) * len(options)))
+    kind = actions.sparsity[0] if actions.sparsity else "unstructured"
+    params = dict(graph.module.named_parameters())
+    for name in weight_tensors(graph.module):
+        rule = spec.rule_for(name.rpartition(".")[0])
+        if rule.bits is not None:  # a rule fixes this layer's width: a knob with one option
+            bits = (rule.bits,)
+        else:
+            bits = tuple(sorted(set(actions.bit_choices) | {32}, reverse=True))
+        if len(bits) > 1 or bits[0] != 32:
+            knobs.append(Knob(f"bits:{name}", "bits", name, bits, (0.0,) * len(bits)))
+        if actions.sparsity and (kind != "kernel" or params[name].dim() >= 3):
+            levels = (rule.sparsity,) if rule.sparsity is not None else tuple(sorted(set(actions.sparsity_level_choices) | {0.0}))
+            if len(levels) > 1 or levels[0] != 0.0:
+                knobs.append(Knob(f"sparsity:{name}", "sparsity", name, levels, (0.0,) * len(levels)))
+    knobs = list(measure_sensitivity(
+        graph, knobs, ranking, scheme=actions.quant_scheme, sparsity_kind=kind, evaluate=evaluate,
+        calibration_inputs=calibration_inputs, cache_dir=cache_dir, progress=progress,
+    ))
+    fixed = predict_bytes(graph, Plan()) - 4 * sum(params[n].numel() for n in weight_tensors(graph.module))
+    return Problem(
+        knobs=tuple(knobs),
+        bytes_of=lambda plan: predict_bytes(graph, plan),
+        flops_of=lambda plan: predict_cost(graph, plan.channels).flops,
+        ranking=ranking,
+        scheme=actions.quant_scheme,
+        sparsity_kind=kind,
+        tensor_costs=_tensor_costs(graph, knobs),
+        fixed_bytes=max(0, fixed),
+    )
