@@ -68,7 +68,10 @@ class DefaultCommandGroup(click.Group):
         if token == "--" or self.get_command(ctx, token) is not None:
             return False
         own_options = {opt for p in self.get_params(ctx) for opt in (*p.opts, *p.secondary_opts)}
-        return token.split("=", 1)[0] not in own_options
+        if token.split("=", 1)[0] in own_options:
+            return False
+        # a model file, not a mistyped command: `compressc inspec` should say "no such command"
+        return token.startswith("-") or token.endswith(".py") or Path(token).exists()
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
         name = args[0] if args else ""

@@ -92,11 +92,15 @@ def test_other_exceptions_propagate(tmp_path, monkeypatch):
     assert isinstance(result.exception, ZeroDivisionError) and result.exit_code == 1
 
 
-def test_model_file_without_subcommand_lists_commands(tmp_path):
+def test_model_file_without_subcommand_is_the_compile_command(tmp_path):
     result = invoke(write(tmp_path, NET))
     assert result.exit_code == 2
-    assert "No such command" in result.stderr and "Commands: inspect." in result.stderr
-    assert "compressc inspect" in result.stderr
+    assert "no target given" in result.stderr and "--target-size" in result.stderr
+
+
+def test_unknown_subcommand_like_word_lists_commands():
+    result = invoke("inspec")
+    assert result.exit_code == 2 and "inspect" in result.stderr
 
 
 # -- default-command routing (used by `compressc MODEL.py --target-size ...`) ---------------------------
