@@ -42,6 +42,9 @@ shapes = st.one_of(
     st.tuples(st.integers(1, 6), st.integers(1, 4), st.sampled_from([1, 3]), st.sampled_from([1, 3])),
 )
 densities = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))
+E4M3 = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()  # torch's float8, codes 0..126
+# float8 bases: ordinary, the quantizer's smallest (2**-117), a subnormal float32 (products collide), huge
+BASES = [None, 1.0, 2.0**-117, 1e-40, 1e33]
 
 
 def _arr(a, dtype):
@@ -62,9 +65,13 @@ def records(draw, name: str):
         if kind == "uniform":
             cd = f["channel_dim"] = draw(st.one_of(st.none(), st.integers(0, max(len(shape) - 1, 0)))) if shape else None
             nc = 1 if cd is None else shape[cd]
-            f["scale_dtype"] = draw(st.sampled_from(["float16", "float32"]))
+            f["scale_dtype"] = draw(st.sampled_from(["float16", "float32", "float8"]))
             scale = rng.random(nc) * 4
             scale[rng.random(nc) < 0.2] = 0.0
+            if f["scale_dtype"] == "float8":
+                base = np.float32(draw(st.sampled_from(BASES)) or rng.random() * 4 + 1e-3)
+                f["scale_base"] = float(base)
+                scale = base * E4M3[rng.integers(0, 127, nc) * (scale > 0)]  # the float32 product
             f["scale"] = scale.astype(np.float16 if f["scale_dtype"] == "float16" else np.float32).astype(np.float32)
             if draw(st.booleans()):
                 f["zero_point"] = _arr(rng.integers(0, hi, nc), np.uint8)
@@ -101,9 +108,12 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _placeholder(r: TensorRecord) -> TensorRecord:
-    """The same record with its bulk arrays replaced by zero-stride placeholders."""
+    """The same record with its bulk arrays replaced by zero-stride placeholders (and uniform records'
+    scales by ones, without a float8 base, as ``compact.predict_bytes`` does)."""
     if r.kind in ("float32", "float16"):
         return dataclasses.replace(r, values=np.broadcast_to(np.zeros((), r.kind), r.shape))
+    if r.kind == "uniform":
+        r = dataclasses.replace(r, scale=np.ones(r.n_channels, np.float32), scale_base=None)
     return dataclasses.replace(r, codes=np.broadcast_to(np.uint8(0), r.shape))
 
 
@@ -266,10 +276,10 @@ def test_reader_source_works_pasted_into_another_module(outdir):
     assert _same_bits(got.numpy(), dequantize_record(rec))
 
 
-def _blob(header: bytes, payload: bytes = b"") -> bytes:
+def _blob(header: bytes, payload: bytes = b"", version: int = 1) -> bytes:
     """A weights file from its header section (before deflate) and payload bytes."""
     packed = zlib.compress(header, wbits=-15)
-    return b"CQW\x01" + bytes([len(packed)]) + packed + payload
+    return b"CQW" + bytes([version, len(packed)]) + packed + payload
 
 
 def test_golden_bytes_pin_the_format():
@@ -292,16 +302,66 @@ def test_golden_bytes_pin_the_format():
     assert blob == _blob(header, payload)
 
 
+def test_the_readers_e4m3_table_is_torch_float8_e4m3fn():
+    assert np.array_equal(reader._E4M3.numpy().view(np.uint32), E4M3.view(np.uint32))
+    assert reader._E4M3.dtype == torch.float32 and float(reader._E4M3[-1]) == 448.0
+
+
+def test_golden_bytes_pin_float8_scales_and_version_2():
+    rec = TensorRecord("w", (3, 2), "uniform", bits=4, codes=np.array([[0, 15], [8, 9], [7, 8]], np.uint8),
+                       channel_dim=0, scale=np.array([0.75, 2.0**-10, 0.25], np.float32), scale_dtype="float8",
+                       scale_base=0.5, zero_point=np.array([1, 8, 7], np.uint8))
+    blob = encode_weights([rec])
+    assert blob[:4] == b"CQW\x02"  # float8 scales need version 2
+    header, payload = zlib.decompress(blob[5 : 5 + blob[4]], wbits=-15), blob[5 + blob[4] :]
+    assert header.hex() == (
+        "01" "0177"  # one table token: "w"
+        "01" "20" "00"  # one record, named "w"
+        "3a"  # uniform | float8 scales << 3 | (4 - 1) << 4
+        "32" "03" "02"  # ndim 2 | ((channel_dim 0 + 1) << 1 | has zero point) << 4; shape
+    )
+    assert payload.hex() == (
+        "0000003f"  # the base, float32 0.5
+        "3c" "01" "30"  # e4m3 codes: 1.5 (0.75 = 0.5 * 1.5), 2**-9 (the smallest subnormal), 0.5
+        "81" "07"  # zero points 1, 8, 7 at 4 bits
+        "f0" "98" "87"  # codes
+    )
+    assert predict_size([rec]) == len(blob)
+    assert size_breakdown([rec]).params == 4 + 3 + 2  # base, one byte per scale, zero points
+    got = load_weights(blob)["w"]
+    assert _same_bits(got.numpy(), dequantize_record(rec))
+    assert got.tolist() == [[-0.75, 10.5], [0.0, 2.0**-10], [0.0, 0.25]]
+
+
+def test_version_1_files_stay_version_1_and_readable():
+    half = np.ones((2, 2), np.float16)
+    recs = [_u(), _u(name="fc.weight", scale_dtype="float32"), _u(name="b", kind="float16", values=half)]
+    blob = encode_weights(recs)
+    assert blob[3] == 1  # no float8 scales: the oldest version that reads the file
+    for r in recs:
+        assert _same_bits(load_weights(blob)[r.name].numpy(), dequantize_record(r))
+    narrow = _u(name="n", scale_dtype="float8", scale_base=1.0)
+    blob = encode_weights(recs + [narrow])
+    assert blob[3] == 2 and len(blob) == predict_size(recs + [narrow])
+    assert (size_breakdown([narrow]).params, size_breakdown([_u()]).params) == (4 + 2, 2 * 2)  # base + bytes; float16
+
+
 @pytest.mark.parametrize(
     "blob, message",
     [
         (b"PK\x03\x04", "bad magic"),
-        (b"CQW\x02\x00", "version 2"),
+        (b"CQW\x03\x00", "version 3"),
+        (b"CQW\x00\x00", "version 0"),
         (b"CQW\x01\x05abc", "truncated"),
         (b"CQW\x01\x02\xff\xff", "corrupt"),  # not a deflate stream
         (_blob(b"\x00\x01"), "truncated"),  # one record announced, none there
         (_blob(b"\x00\x00", b"\x00"), "after the last record"),
-        (_blob(b"\x00\x01\x20\x00\x08\x00"), "bad record header"),  # reserved kind-byte bit set
+        (_blob(b"\x00\x01\x20\x00\x08\x00"), "bad record header"),  # float8 bit in a version-1 file
+        (_blob(b"\x00\x01\x20\x00\x1a\x01\x01", version=2), "truncated"),  # float8, uniform: base missing
+        (_blob(b"\x00\x01\x20\x00\x08\x00", version=2), "bad record header"),  # float8 bit on a float32 record
+        (_blob(b"\x00\x01\x20\x00\x9a\x01\x01", version=2), "bad record header"),  # float8 and wide
+        (_blob(b"\x00\x01\x20\x00\x1a\x01\x01", bytes(4) + b"\x7f\x00", 2), "float8 scale code"),  # NaN
+        (_blob(b"\x00\x01\x20\x00\x1a\x01\x01", bytes(4) + b"\x80\x00", 2), "float8 scale code"),  # negative
         (_blob(b"\x00\x01\x20\x00\x04\x00", b"\x13"), "bad record header"),  # selector code 19
         (_blob(b"\x00\x01\x20\x00\x04\x01\x01", b"\x09\x01\x05" + bytes(4)), "corrupt"),  # gap past the end
         (_blob(b"\x00\x01\x20\x00\x04\x01\x01", b"\x0a\x02\x01"), "corrupt"),  # Rice: a unary 1 then 0
@@ -330,6 +390,13 @@ BAD = {
     "scale wrong length": _u(scale=np.ones(3, np.float32)),
     "scale not in float16": _u(scale=np.array([1.0, 0.1], np.float32)),
     "negative scale": _u(scale=np.array([1.0, -1.0], np.float32), scale_dtype="float32"),
+    "float8 without a base": _u(scale_dtype="float8"),
+    "float8 base not float32": _u(scale_dtype="float8", scale_base=0.1),
+    "float8 base zero": _u(scale_dtype="float8", scale_base=0.0),
+    "float8 base infinite": _u(scale_dtype="float8", scale_base=float("inf")),
+    "float8 scale off the grid": _u(scale_dtype="float8", scale_base=1.0, scale=np.array([1.0, 1.0625], np.float32)),
+    "float8 negative scale": _u(scale_dtype="float8", scale_base=1.0, scale=np.array([1.0, -1.0], np.float32)),
+    "unknown scale dtype": _u(scale_dtype="bfloat16"),
     "zero point out of range": _u(zero_point=np.array([1, 4], np.uint8)),
     "channel_dim out of range": _u(channel_dim=2),
     "bits 9": _u(bits=9),

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bitpack import pack_bits, packed_nbytes, varint
-from .reader import WEIGHTS_MAGIC, WEIGHTS_VERSION, load_weights
+from .reader import _E4M3, WEIGHTS_MAGIC, load_weights
 from .sparse import PositionEncoding, choose_encoding, encode_positions
 
 __all__ = [
@@ -52,6 +52,8 @@ __all__ = [
 KINDS = ("float32", "float16", "uniform", "codebook")  # the kind byte's low two bits, in this order
 MAX_NDIM = 15  # the ndim shares a varint with the kind's parameters (4 bits)
 _FLOAT_BITS = {"float32": 32, "float16": 16}
+SCALE_DTYPES = ("float16", "float32", "float8")
+_E4M3_VALUES = _E4M3.numpy()  # float32 values of the e4m3 codes 0..126, ascending (the reader's table)
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,7 +62,9 @@ class TensorRecord:
 
     ``kind`` "float32"/"float16": ``values`` of that dtype and ``shape``. "uniform": ``bits`` (1..8),
     ``codes`` (uint8, ``shape``, < 2**bits), ``channel_dim`` (None = per tensor), ``scale`` (float32, one
-    per channel or shape (1,), finite, >= 0, exactly representable in ``scale_dtype``), ``zero_point``
+    per channel or shape (1,), finite, >= 0, exactly representable in ``scale_dtype``: "float16",
+    "float32", or "float8", where each scale is ``float32(scale_base) * e4m3`` as a float32 product and
+    ``scale_base`` is a positive finite float32 value; the size predictor does not read it), ``zero_point``
     (uint8 per channel, < 2**bits; None = symmetric, zero point 2**(bits-1)); value = (code - zero_point)
     * scale. "codebook": ``bits``, ``codes``, ``codebook`` (float32, <= 2**bits entries); value =
     codebook[code]. Optional sparsity: ``mask`` (bool, over blocks) with ``block_shape`` a suffix of
@@ -76,6 +80,7 @@ class TensorRecord:
     channel_dim: int | None = None
     scale: np.ndarray | None = None
     scale_dtype: str = "float16"
+    scale_base: float | None = None
     zero_point: np.ndarray | None = None
     codebook: np.ndarray | None = None
     mask: np.ndarray | None = None
@@ -149,8 +154,8 @@ def _check_meta(rec: TensorRecord) -> None:
         if rec.channel_dim is not None and not 0 <= rec.channel_dim < ndim:
             _fail(rec, f"channel_dim {rec.channel_dim} is not a dim of shape {rec.shape} (use 0..{ndim - 1} or None)")
         _check_array(rec, "scale", np.float32, (rec.n_channels,))
-        if rec.scale_dtype not in _FLOAT_BITS:
-            _fail(rec, f"scale_dtype must be 'float16' or 'float32', got {rec.scale_dtype!r}")
+        if rec.scale_dtype not in SCALE_DTYPES:
+            _fail(rec, f"scale_dtype must be 'float16', 'float32' or 'float8', got {rec.scale_dtype!r}")
         if rec.zero_point is not None:
             _check_array(rec, "zero_point", np.uint8, (rec.n_channels,))
     if rec.kind == "codebook":
@@ -186,6 +191,8 @@ def validate_record(rec: TensorRecord) -> None:
             _fail(rec, "scales must be finite and non-negative (so that the zero point decodes to +0.0)")
         if rec.scale_dtype == "float16" and not _fits_float16(s):
             _fail(rec, "scale_dtype is 'float16' but some scales are not exactly representable in float16")
+        if rec.scale_dtype == "float8":
+            _float8_codes(rec)
         if rec.zero_point is not None and rec.zero_point.size and int(rec.zero_point.max()) >= 1 << rec.bits:
             _fail(rec, f"zero points must lie below 2**bits = {1 << rec.bits}")
 
@@ -193,6 +200,20 @@ def validate_record(rec: TensorRecord) -> None:
 def _fits_float16(a: np.ndarray) -> bool:
     with np.errstate(over="ignore"):
         return bool(np.array_equal(a.astype(np.float16).astype(np.float32).view(np.uint32), a.view(np.uint32)))
+
+
+def _float8_codes(rec: TensorRecord) -> np.ndarray:
+    """The e4m3 code of each scale of a float8 record (``ValueError`` unless every scale is exactly
+    ``float32(scale_base) * e4m3``)."""
+    b = rec.scale_base
+    if not isinstance(b, (float, np.floating)) or not np.isfinite(b) or b <= 0 or float(np.float32(b)) != float(b):
+        _fail(rec, f"scale_dtype 'float8' needs scale_base, a positive finite float32 value; got {b!r}")
+    with np.errstate(over="ignore"):
+        grid = np.float32(b) * _E4M3_VALUES  # non-decreasing: the first match is as good as any
+    codes = np.minimum(np.searchsorted(grid, rec.scale), grid.size - 1)
+    if not np.array_equal(grid[codes].view(np.uint32), rec.scale.view(np.uint32)):
+        _fail(rec, "scale_dtype is 'float8' but some scales are not float32(scale_base) * an e4m3 value")
+    return codes.astype(np.uint8)
 
 
 # -- layout --------------------------------------------------------------------------------------
@@ -233,10 +254,15 @@ def _wide(rec: TensorRecord) -> bool:
     return rec.kind == "codebook" and not _fits_float16(rec.codebook)
 
 
+def _narrow(rec: TensorRecord) -> bool:
+    """Float8 scales: a float32 base, then one e4m3 byte per channel (format version 2)."""
+    return rec.kind == "uniform" and rec.scale_dtype == "float8"
+
+
 def _record_header(rec: TensorRecord) -> bytes:
     """Kind byte, ndim + kind parameters, shape. Nothing here depends on the sparse encoding chosen."""
     bits = 0 if rec.kind in _FLOAT_BITS else rec.bits - 1
-    head = KINDS.index(rec.kind) | (rec.mask is not None) << 2 | bits << 4 | _wide(rec) << 7
+    head = KINDS.index(rec.kind) | (rec.mask is not None) << 2 | _narrow(rec) << 3 | bits << 4 | _wide(rec) << 7
     aux = 0
     if rec.kind == "uniform":
         aux = (0 if rec.channel_dim is None else rec.channel_dim + 1) << 1 | (rec.zero_point is not None)
@@ -252,7 +278,7 @@ def _param_nbytes(rec: TensorRecord) -> int:
     width = 4 if _wide(rec) else 2
     if rec.kind == "uniform":
         zp = packed_nbytes(rec.n_channels, rec.bits) if rec.zero_point is not None else 0
-        return width * rec.n_channels + zp
+        return (4 + rec.n_channels if _narrow(rec) else width * rec.n_channels) + zp
     return width * rec.codebook.size if rec.kind == "codebook" else 0
 
 
@@ -333,9 +359,12 @@ def _deflate(raw: bytes) -> bytes:
     return z.compress(raw) + z.flush()
 
 
-def _file_header(raw: bytes) -> bytes:
+def _file_header(raw: bytes, records: list[TensorRecord]) -> bytes:
+    """Magic, version, the deflated header section. The version is the oldest that can read the file:
+    2 when a record has float8 scales, else 1 (a version-1 reader then still reads it)."""
     packed = _deflate(raw)
-    return WEIGHTS_MAGIC + bytes([WEIGHTS_VERSION]) + varint(len(packed)) + packed
+    version = 2 if any(_narrow(r) for r in records) else 1
+    return WEIGHTS_MAGIC + bytes([version]) + varint(len(packed)) + packed
 
 
 def size_breakdown(records) -> SizeBreakdown:
@@ -358,7 +387,7 @@ def size_breakdown(records) -> SizeBreakdown:
         else:
             positions += len(enc.prefix) + enc.position_nbytes
             values += enc.value_nbytes
-    return SizeBreakdown(len(_file_header(raw)), params, positions, values, headers_raw=len(raw))
+    return SizeBreakdown(len(_file_header(raw, records)), params, positions, values, headers_raw=len(raw))
 
 
 def predict_size(records) -> int:
@@ -375,7 +404,10 @@ def _payload(rec: TensorRecord, enc: PositionEncoding | None) -> bytes:
     out = bytearray()
     wide = _wide(rec)
     if rec.kind == "uniform":
-        out += rec.scale.astype("<f4" if wide else "<f2").tobytes()
+        if _narrow(rec):
+            out += np.float32(rec.scale_base).astype("<f4").tobytes() + _float8_codes(rec).tobytes()
+        else:
+            out += rec.scale.astype("<f4" if wide else "<f2").tobytes()
         if rec.zero_point is not None:
             out += pack_bits(rec.zero_point, rec.bits)
     elif rec.kind == "codebook":
@@ -407,7 +439,7 @@ def encode_weights(records) -> bytes:
     """
     records = _check_all(records, validate_record)
     raw, encodings = _header_section(records)
-    out = bytearray(_file_header(raw))
+    out = bytearray(_file_header(raw, records))
     for r, enc in zip(records, encodings):
         out += _payload(r, enc)
     return bytes(out)

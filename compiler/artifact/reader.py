@@ -1,9 +1,10 @@
-r"""Reader of compressc weights files (format version 1), using only torch and the standard library.
+r"""Reader of compressc weights files (format versions 1 and 2), using only torch and the standard library.
 
 This module's source text is copied verbatim into generated ``model.py`` files, so it imports nothing but
 torch and the standard library (``os``, ``zlib``, ``typing``; a test parses it to make sure). The byte
 layout is in docs/artifact.md ("Weights file format"); the writer is ``compressc.artifact.container``.
-Little-endian throughout (as the hosts torch runs on).
+Little-endian throughout (as the hosts torch runs on). Version 2 adds float8 scales (kind-byte bit 3);
+a writer stamps version 1 on files that do not use them.
 
 ``load_weights(path_or_bytes)`` returns ``{name: float32 tensor}`` in file order, dequantized and with
 sparse tensors expanded (removed values are +0.0). With ``keep_int8=True``, uniformly quantized records
@@ -30,7 +31,17 @@ import torch
 __all__ = ["load_weights", "QuantizedWeight", "WEIGHTS_MAGIC", "WEIGHTS_VERSION"]
 
 WEIGHTS_MAGIC = b"CQW"
-WEIGHTS_VERSION = 1
+WEIGHTS_VERSION = 2  # the newest version this reader reads (it reads 1 too)
+
+
+def _e4m3_values() -> torch.Tensor:
+    """float32 values of the float8 e4m3 codes 0..126 (sign bit clear; 127 is NaN): code ``e << 3 | m``
+    is ``m * 2**-9`` for ``e == 0`` (subnormals), else ``(8 + m) * 2**(e - 10)``, up to 448."""
+    return torch.tensor([(c & 7) * 2.0**-9 if c < 8 else (8 + (c & 7)) * 2.0 ** ((c >> 3) - 10) for c in range(127)],
+                        dtype=torch.float32)
+
+
+_E4M3 = _e4m3_values()
 
 
 class QuantizedWeight(NamedTuple):
@@ -104,6 +115,14 @@ class _Cursor:
             return self.take(4 * n).view(torch.float32)
         return self.take(2 * n).view(torch.float16).float()
 
+    def float8_scales(self, n: int) -> torch.Tensor:
+        """A float32 base, then ``n`` e4m3 codes: the scales ``base * e4m3`` (a float32 product)."""
+        base = self.take(4).view(torch.float32)
+        codes = self.take(n)
+        if n and int(codes.max()) >= _E4M3.numel():
+            raise ValueError("corrupt weights file: a float8 scale code is negative or NaN")
+        return base * _E4M3[codes.long()]
+
 
 def _unpack(raw: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """First ``n`` codes of an LSB-first ``bits``-bit stream, as uint8 (eight codes = ``bits`` bytes)."""
@@ -148,12 +167,12 @@ def _block_mask(cur: _Cursor, code: int, nfields: int, nblocks: int) -> Optional
     return mask
 
 
-def _read_record(hdr: _Cursor, cur: _Cursor, keep_int8: bool) -> Union[torch.Tensor, QuantizedWeight]:
+def _read_record(hdr: _Cursor, cur: _Cursor, keep_int8: bool, version: int) -> Union[torch.Tensor, QuantizedWeight]:
     """One record: its header from ``hdr`` (the inflated header section), its payload from ``cur``."""
     head = hdr.byte()
-    if head & 8:
+    kind, masked, narrow, bits, wide = head & 3, head & 4, head & 8, ((head >> 4) & 7) + 1, head >> 7
+    if narrow and (version < 2 or kind != 2 or wide):  # float8 scales: version 2, uniform records only
         raise ValueError("corrupt weights file: bad record header")
-    kind, masked, bits, wide = head & 3, head & 4, ((head >> 4) & 7) + 1, head >> 7
     v = hdr.varint()
     ndim, aux = v & 15, v >> 4
     shape = [hdr.varint() for _ in range(ndim)]
@@ -170,7 +189,7 @@ def _read_record(hdr: _Cursor, cur: _Cursor, keep_int8: bool) -> Union[torch.Ten
     if kind == 2:
         channel_dim = (aux >> 1) - 1
         nc = shape[channel_dim] if channel_dim >= 0 else 1
-        scale = cur.floats(nc, wide)
+        scale = cur.float8_scales(nc) if narrow else cur.floats(nc, wide)
         if aux & 1:
             zero_point = _unpack(cur.take((nc * bits + 7) // 8), bits, nc)
         else:
@@ -247,8 +266,8 @@ def load_weights(
             data = bytearray(f.read())
     if bytes(data[:3]) != WEIGHTS_MAGIC or len(data) < 4:
         raise ValueError("not a compressc weights file (bad magic)")
-    if data[3] != WEIGHTS_VERSION:
-        raise ValueError(f"weights file format version {data[3]} is not supported (this reader: "
+    if not 1 <= data[3] <= WEIGHTS_VERSION:
+        raise ValueError(f"weights file format version {data[3]} is not supported (this reader: 1 to "
                          f"{WEIGHTS_VERSION}); load it with the compressc version that wrote it")
     cur = _Cursor(data)
     cur.pos = 4
@@ -269,7 +288,7 @@ def load_weights(
                 i = hdr.varint()
                 middle.append(tokens[i] if i < len(tokens) else str(i - len(tokens)))
             parts = parts[:head] + middle + parts[len(parts) - tail :]
-            out[".".join(parts)] = _read_record(hdr, cur, keep_int8)
+            out[".".join(parts)] = _read_record(hdr, cur, keep_int8, data[3])
     except (IndexError, RuntimeError, UnicodeDecodeError, zlib.error) as e:
         raise ValueError(f"corrupt weights file: {e}") from e
     if hdr.pos != len(hdr.data) or cur.pos != len(data):

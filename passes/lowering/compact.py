@@ -126,7 +126,8 @@ def to_record(name: str, q: QuantizedTensor, mask: tuple[torch.Tensor, tuple[int
     if q.scheme == "codebook":
         return TensorRecord(name, q.shape, "codebook", bits=q.bits, codes=q.codes, codebook=q.codebook, **sparse)
     return TensorRecord(name, q.shape, "uniform", bits=q.bits, codes=q.codes, channel_dim=q.channel_dim,
-                        scale=q.scale, scale_dtype=q.scale_dtype, zero_point=q.zero_point, **sparse)
+                        scale=q.scale, scale_dtype=q.scale_dtype, scale_base=q.scale_base,
+                        zero_point=q.zero_point, **sparse)
 
 
 def _float_record(name: str, t: torch.Tensor) -> TensorRecord:

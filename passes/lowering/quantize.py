@@ -9,6 +9,10 @@ the weights file stores; ``dequantize`` decodes it. Decoding is, broadcast along
 - ``codebook``:   ``codebook[codes]`` (one k-means codebook per tensor, as in Deep Compression)
 - 16 / 32 bits:   no codes, ``values`` stored as float16 / float32 (scheme ``"float"``)
 
+Scales are stored as float16 (2 bytes), float32 (4 bytes) or, the default for per-channel scales at
+up to ``FLOAT8_DEFAULT_MAX_BITS`` bits, float8: one e4m3 byte per channel times one float32 ``scale_base``
+per tensor, each scale being exactly ``float32(scale_base) * float32(e4m3 value)``.
+
 Zero is exactly representable: the symmetric zero code, the integer zero point, or (codebook, with
 ``include_zero`` or a mask) a centroid pinned at 0.0; so the weights a ``mask`` removes are stored as
 exact zeros. docs/quantization.md has the details.
@@ -36,12 +40,22 @@ import torch
 
 from compressc.errors import UserError
 
-__all__ = ["QuantSpec", "QuantizedTensor", "QuantizationError", "quantize", "dequantize", "CLIP_ALPHAS"]
+__all__ = [
+    "QuantSpec", "QuantizedTensor", "QuantizationError", "quantize", "dequantize", "float8_grid", "CLIP_ALPHAS",
+    "FLOAT8_DEFAULT_MAX_BITS",
+]
 
 SCHEMES = ("symmetric", "asymmetric", "codebook")
 FLOAT_BITS = (16, 32)
 VALID_BITS = tuple(range(1, 9)) + FLOAT_BITS
-SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "float8": torch.float8_e4m3fn}
+#: Up to this many bits, per-channel scales default to float8 (docs/quantization.md: bytes vs error).
+FLOAT8_DEFAULT_MAX_BITS = 6
+#: The e4m3 values of the float8 scale codes 0..126 (0x7F is NaN), ascending, as float32.
+FLOAT8_VALUES = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+#: The smallest float8 base: every nonzero ``base * e4m3`` (e4m3 >= 2**-9) is then a normal float32.
+FLOAT8_MIN_BASE = 2.0**-117
+_FLOAT8_ONE = 56  # the e4m3 code of 1.0
 
 #: Clipping ranges tried per channel, as fractions of the full range; 1.0 (no clipping) comes first
 #: so that a tie keeps the unclipped range.
@@ -69,11 +83,13 @@ class QuantSpec:
     channel_dim : the dim with one scale per index (per output channel), or ``None`` for one scale per
         tensor. Ignored by ``codebook``; a 0-d tensor is always per-tensor.
     clip_search : search a clipping range per channel that minimises the squared error.
-    scale_dtype : ``"float16"`` or ``"float32"``: scales are rounded *up* to values of this dtype.
+    scale_dtype : ``"float8"``, ``"float16"`` or ``"float32"``: scales are rounded *up* to values of this
+        dtype (float8: to ``scale_base * e4m3``). Default (None): ``"float8"`` for per-channel scales at
+        up to ``FLOAT8_DEFAULT_MAX_BITS`` (6) bits, else ``"float16"``.
     include_zero : ``codebook`` only: pin one centroid at exactly 0.0 (forced when a mask is given).
 
-    >>> QuantSpec(bits=4, scheme="asymmetric", channel_dim=None).scale_dtype
-    'float16'
+    >>> QuantSpec(bits=4).scale_dtype, QuantSpec(bits=8).scale_dtype, QuantSpec(4, channel_dim=None).scale_dtype
+    ('float8', 'float16', 'float16')
     >>> try:
     ...     QuantSpec(bits=4, scheme="asymetric")
     ... except QuantizationError as e:
@@ -86,7 +102,7 @@ class QuantSpec:
     scheme: str = "symmetric"
     channel_dim: int | None = 0
     clip_search: bool = True
-    scale_dtype: str = "float16"
+    scale_dtype: str | None = None
     include_zero: bool = False
 
     def __post_init__(self) -> None:
@@ -101,14 +117,17 @@ class QuantSpec:
                 f"unknown quantization scheme {self.scheme!r}; known: {', '.join(SCHEMES)}",
                 hint=f"did you mean {close[0]!r}?" if close else None,
             )
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise QuantizationError(
-                f"scale_dtype={self.scale_dtype!r} is not supported", hint="use 'float16' or 'float32'"
-            )
         cd = self.channel_dim
         if cd is not None and (isinstance(cd, bool) or not isinstance(cd, int)):
             raise QuantizationError(
                 f"channel_dim={self.channel_dim!r} must be an int or None", hint="None means one scale per tensor"
+            )
+        if self.scale_dtype is None:  # one scale per tensor: float16 (2 bytes) beats float8 (1 + 4 bytes)
+            narrow = self.bits <= FLOAT8_DEFAULT_MAX_BITS and cd is not None
+            object.__setattr__(self, "scale_dtype", "float8" if narrow else "float16")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise QuantizationError(
+                f"scale_dtype={self.scale_dtype!r} is not supported", hint="use 'float8', 'float16' or 'float32'"
             )
 
     @property
@@ -123,7 +142,9 @@ class QuantizedTensor:
 
     ``codes``: uint8 of ``shape``, each < ``2**bits`` (< ``len(codebook)`` for codebook).
     ``scale``: float32 of shape ``(shape[channel_dim],)`` or ``(1,)`` per tensor; every value is exactly
-    representable in ``scale_dtype``. ``zero_point``: uint8 like ``scale`` (asymmetric only).
+    representable in ``scale_dtype``: for ``"float8"``, ``float32(scale_base) * e4m3`` (float32 product)
+    with ``scale_base`` a positive float32 value (a Python float); otherwise ``scale_base`` is None.
+    ``zero_point``: uint8 like ``scale`` (asymmetric only).
     ``codebook``: float32, sorted, 1 to ``2**bits`` distinct entries. ``values``: float16 / float32 of
     ``shape`` (scheme ``"float"`` only). ``__post_init__`` checks all of this (``ValueError``).
 
@@ -143,6 +164,7 @@ class QuantizedTensor:
     values: np.ndarray | None = None
     channel_dim: int | None = None
     scale_dtype: str = "float32"
+    scale_base: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -195,8 +217,15 @@ def _check_quantized(q: QuantizedTensor) -> None:
     n = 1 if q.channel_dim is None else q.shape[q.channel_dim]
     need(arr(q.scale, np.float32, (n,)), f"scale must be float32 of shape ({n},)")
     need(bool(np.all(np.isfinite(q.scale) & (q.scale > 0))), "scales must be finite and positive")
-    exact = q.scale.astype(q.scale_dtype).astype(np.float32)
-    need(bool(np.array_equal(exact, q.scale)), f"scales must be exactly representable in {q.scale_dtype}")
+    if q.scale_dtype == "float8":
+        b = q.scale_base
+        ok = isinstance(b, float) and math.isfinite(b) and b > 0 and float(np.float32(b)) == b
+        need(ok, f"scale_base must be a positive finite float32 value (a Python float), got {b!r}")
+        need(bool(np.isin(q.scale, float8_grid(b)).all()), "float8 scales must be float32(scale_base) * e4m3 values")
+    else:
+        need(q.scale_base is None, "only float8 scales have a scale_base")
+        exact = q.scale.astype(q.scale_dtype).astype(np.float32)
+        need(bool(np.array_equal(exact, q.scale)), f"scales must be exactly representable in {q.scale_dtype}")
     if q.scheme == "asymmetric":
         need(arr(q.zero_point, np.uint8, (n,)) and below(q.zero_point, 1 << q.bits), f"zero_point: uint8 ({n},)")
     else:
@@ -266,11 +295,48 @@ def _ceil_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y.to(_F64).to(x.device)
 
 
-def _uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, dtype: torch.dtype):
-    """(scale, zero) covering [lo, hi] (lo <= 0 <= hi) with 2**bits levels; scale rounded up to dtype."""
+def float8_grid(base: float) -> np.ndarray:
+    """The 127 float8 scales ``float32(base) * e4m3`` (codes 0..126, non-decreasing), as float32.
+
+    >>> float8_grid(0.5)[[0, 1, 56, 126]].tolist()      # 0, 2**-9, 1.0 and 448 (the largest e4m3) times 0.5
+    [0.0, 0.0009765625, 0.5, 224.0]
+    """
+    with np.errstate(over="ignore"):
+        return np.float32(base) * FLOAT8_VALUES.numpy()
+
+
+def _float8_base(top: float) -> float:
+    """The base for float8 scales up to ``top``: ``top / 448`` rounded up to float32, then up again until
+    ``float32(base * 448) >= top``; at least ``FLOAT8_MIN_BASE``; 1.0 when ``top`` is 0 (all zeros)."""
+    if top == 0:
+        return 1.0
+    b = _ceil_to(torch.tensor([top / 448.0], dtype=_F64), torch.float32).to(torch.float32)
+    while float(b * 448.0) < top:  # float32 product; inf (top beyond float32) ends the loop too
+        b = torch.nextafter(b, torch.full_like(b, float("inf")))
+    return max(float(b), FLOAT8_MIN_BASE)
+
+
+def _ceil_float8(x: torch.Tensor, base: float) -> torch.Tensor:
+    """Smallest float8 scale ``float32(base) * e4m3 >= x`` (x >= 0, float64), never 0: a scale below the
+    smallest subnormal becomes it, and x == 0 becomes ``base`` (e4m3 1.0). inf beyond 448 * base."""
+    grid = np.append(float8_grid(base).astype(np.float64), np.inf)
+    x64 = x.cpu().numpy()
+    i = np.maximum(np.searchsorted(grid, x64, side="left"), 1)  # numpy: torch's threads stall on tiny inputs
+    return torch.from_numpy(grid[np.where(x64 == 0, _FLOAT8_ONE, i)]).to(x.device)
+
+
+def _round_up_scales(s: torch.Tensor, scale_dtype: str, base: float | None) -> torch.Tensor:
+    if scale_dtype == "float8":
+        return _ceil_float8(s, base)
+    s = _ceil_to(s, SCALE_DTYPES[scale_dtype])
+    return torch.where(s == 0, 1.0, s)  # an all-zero channel: any positive scale decodes it to 0; we use 1
+
+
+def _uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str,
+                    base: float | None):
+    """(scale, zero) covering [lo, hi] (lo <= 0 <= hi) with 2**bits levels; scale rounded up to its dtype."""
     qmax = (1 << bits) - 1
-    s = _ceil_to((hi - lo) / qmax, dtype)
-    s = torch.where(s == 0, 1.0, s)  # an all-zero channel: any positive scale decodes it to 0; we use 1
+    s = _round_up_scales((hi - lo) / qmax, scale_dtype, base)
     if symmetric:
         z = torch.full_like(s, float(1 << (bits - 1)))
     else:
@@ -289,23 +355,30 @@ def _range(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor
     return lo.clamp(max=0), hi.clamp(min=0)
 
 
-def _fit_uniform(x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_uniform(x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """(scale, zero, float8 base or None). The float8 base comes from the unclipped ranges, so every
+    clipping candidate fits under it and alpha = 1 gives the same scales as ``clip_search=False``."""
     symmetric = spec.scheme == "symmetric"
     lo, hi = _range(x, symmetric)
+    base = None
+    if spec.scale_dtype == "float8":
+        base = _float8_base(float(((hi - lo) / ((1 << spec.bits) - 1)).max()) if lo.numel() else 0.0)
     alphas = torch.tensor(CLIP_ALPHAS if spec.clip_search else (1.0,), dtype=_F64, device=x.device)[:, None]
-    S, Z = _uniform_params(alphas * lo, alphas * hi, spec.bits, symmetric, SCALE_DTYPES[spec.scale_dtype])
+    S, Z = _uniform_params(alphas * lo, alphas * hi, spec.bits, symmetric, spec.scale_dtype, base)
     if torch.isinf(S[0]).any():
         big = max(float(hi.max()), -float(lo.min()))
+        limit = "float32 (the float8 scales' base is one)" if spec.scale_dtype == "float8" else spec.scale_dtype
+        better = {"float16": "scale_dtype='float8' or 'float32', "}.get(spec.scale_dtype, "")
         raise QuantizationError(
             f"cannot quantize {name!r}: its range (max |w| = {big:.4g}) needs a scale "
-            f"above the largest {spec.scale_dtype} at {spec.bits} bits",
-            hint="use scale_dtype='float32', more bits, or keep this layer in float (bits=32)",
+            f"above the largest {limit} at {spec.bits} bits",
+            hint=f"use {better}more bits, or keep this layer in float (bits=32)",
         )
     if len(alphas) == 1:
-        return S[0], Z[0]
+        return S[0], Z[0], base
     err = _search_errors(x, S, Z, spec.bits, symmetric)
     best = torch.argmin(err, dim=0)  # the first minimum: ties keep the larger range
-    return S.gather(0, best[None])[0], Z.gather(0, best[None])[0]
+    return S.gather(0, best[None])[0], Z.gather(0, best[None])[0], base
 
 
 def _search_errors(x: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -400,13 +473,15 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 # -- the fitted quantizer, shared with fake_quant.py ----------------------------------------------
 @dataclass(frozen=True, eq=False)
 class _Fit:
-    """A quantizer fitted to one tensor (float64 torch): ``scale``/``zero`` per row, or ``codebook``."""
+    """A quantizer fitted to one tensor (float64 torch): ``scale``/``zero`` per row (and the float8
+    ``scale_base``), or ``codebook``."""
 
     bits: int
     scheme: str
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
+    scale_base: float | None = None
 
 
 def _fit(x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> _Fit:
@@ -414,8 +489,8 @@ def _fit(x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str)
         kept = x.flatten() if keep is None else x[keep]
         cb = _kmeans(kept, spec.bits, spec.include_zero or keep is not None)
         return _Fit(spec.bits, "codebook", codebook=cb)
-    scale, zero = _fit_uniform(x, spec, name)
-    return _Fit(spec.bits, spec.scheme, scale=scale, zero=zero)
+    scale, zero, base = _fit_uniform(x, spec, name)
+    return _Fit(spec.bits, spec.scheme, scale=scale, zero=zero, scale_base=base)
 
 
 def _encode(x: torch.Tensor, f: _Fit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,7 +518,7 @@ def _pack(f: _Fit, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, 
     zp = f.zero.to(torch.uint8).cpu().numpy() if f.scheme == "asymmetric" else None
     return QuantizedTensor(
         shape, f.bits, f.scheme, codes=codes_np, scale=f.scale.to(torch.float32).cpu().numpy(), zero_point=zp,
-        channel_dim=cd, scale_dtype=spec.scale_dtype,
+        channel_dim=cd, scale_dtype=spec.scale_dtype, scale_base=f.scale_base,
     )
 
 
