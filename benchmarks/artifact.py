@@ -44,7 +44,7 @@ def main() -> None:
     for col in ("model", "params", "bits", "sparsity", "file bytes", "ideal bytes", "B / param", "ideal B / param",
                 "overhead", "of it: headers", "of it: scales"):
         table.add_column(col, justify="right")
-    verdicts: dict[int, list[bool]] = {2: [], 4: [], 8: []}
+    verdicts: dict[tuple[int, float], list[bool]] = {}
     for name, build in REFERENCE_MODELS.items():
         if name == "control_flow":
             continue
@@ -67,14 +67,15 @@ def main() -> None:
                     ideal_bits += kept * bits + (0 if rec.mask is None else rec.mask.size * entropy_bits(rec.mask.mean()))
                 ideal = ideal_bits / 8
                 overhead = parts.total / ideal - 1
-                if params > 100_000 and sparsity == 0.0:
-                    verdicts[bits].append(overhead < 0.02)
+                if params > 100_000:
+                    verdicts.setdefault((bits, sparsity), []).append(overhead < 0.02)
                 table.add_row(name, f"{params:,}", str(bits), f"{sparsity:.0%}", f"{parts.total:,}", f"{ideal:,.0f}",
                               f"{parts.total / params:.4f}", f"{ideal / params:.4f}", f"{overhead:+.2%}",
                               f"{parts.headers / ideal:.2%}", f"{parts.params / ideal:.2%}")
     Console(width=170).print(table)
-    for bits, ok in verdicts.items():
-        print(f"{bits}-bit dense overhead under 2% for every model over 100k parameters:", "yes" if all(ok) else "NO")
+    for (bits, sparsity), ok in verdicts.items():
+        print(f"{bits} bits, {sparsity:.0%} sparse: overhead under 2% for every model over 100k parameters:",
+              "yes" if all(ok) else "NO")
 
 
 if __name__ == "__main__":

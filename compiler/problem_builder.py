@@ -87,7 +87,7 @@ def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]
         costs.append(TensorCost(
             tensor=name, numel=params[name].numel(), out_keep=coupling(0), in_keep=coupling(1),
             bits_knob=bits_index.get(name), sparsity_knob=sparse_index.get(name),
-            per_row_bytes=2.0 * params[name].shape[0],  # one float16 scale per output channel
+            per_row_bytes=1.0 * params[name].shape[0],  # one float8 scale byte per output channel (<= 6 bits)
             macs=macs_of_module.get(name.rpartition(".")[0], 0),
         ))
     return tuple(costs)

@@ -85,8 +85,16 @@ class Compact:
         return save_artifact(directory, self.module, self.records, report=report, force=force)
 
 
+PER_CHANNEL_MIN_ROW_BITS = 64
+
+
 def _spec(settings: LayerSettings, tensor: torch.Tensor) -> QuantSpec:
-    return QuantSpec(bits=settings.bits, scheme=settings.scheme, channel_dim=0 if tensor.dim() >= 1 else None)
+    """Per-output-channel scales, except for rows so short (``fan_in * bits < 64``, e.g. the 4..16-input
+    layers of a squeeze-excitation block at 2 bits) that one scale byte per row would cost more than
+    an eighth of the row: those get one scale per tensor."""
+    fan_in = tensor[0].numel() if tensor.dim() >= 1 and tensor.shape[0] else 0
+    per_channel = tensor.dim() >= 1 and fan_in * settings.bits >= PER_CHANNEL_MIN_ROW_BITS
+    return QuantSpec(bits=settings.bits, scheme=settings.scheme, channel_dim=0 if per_channel else None)
 
 
 def prepare(graph: Graph, plan: Plan) -> Prepared:
