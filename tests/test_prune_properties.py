@@ -63,16 +63,20 @@ def assert_outputs_close(actual: list[torch.Tensor], expected: list[torch.Tensor
         torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * scale, msg=lambda m: f"output {i}: {m}")
 
 
+def _describe(groups) -> str:
+    return "; ".join(
+        f"{gr.id}: size={gr.size} prunable={gr.prunable}" + ("" if gr.prunable else f" ({gr.reason})")
+        for gr in groups
+    )
+
+
 def _setup(spec, data):
     """Build, trace, group, draw a plan; ``note`` everything a reproducer needs."""
     note(f"spec = {spec!r}")
     model, inputs = build(spec)
     g = compressc.trace(model, inputs)
     groups = compressc.channel_groups(g)
-    note("groups = " + "; ".join(
-        f"{gr.id}: size={gr.size} prunable={gr.prunable}" + ("" if gr.prunable else f" ({gr.reason})")
-        for gr in groups
-    ))
+    note(f"groups = {_describe(groups)}")
     plan = data.draw(plans(groups), label="plan")
     event(f"prunable groups: {sum(gr.prunable for gr in groups)}")
     event("plan prunes something" if any(len(v) < groups[k].size for k, v in plan.items()) else "plan keeps all")
@@ -168,6 +172,7 @@ def test_iterative_pruning_composes(spec, data):
     pruned1 = compressc.prune_channels(g, plan1)
     g1 = compressc.trace(pruned1, inputs)
     groups1 = compressc.channel_groups(g1)
+    note(f"groups of the pruned module = {_describe(groups1)}")
     assert len(groups1) == len(groups)
     assert [gr.prunable for gr in groups1] == [gr.prunable for gr in groups]
     assert [gr.size for gr in groups1] == [len(plan1[gr.id]) if gr.id in plan1 else gr.size for gr in groups]
