@@ -551,8 +551,8 @@ def _conv(draw, cin: int, h: int, w: int, *, cout: int | None = None, stride_ok:
         elif style == "grouped" and [d for d in _divisors(cin)[1:-1] if d <= max_cout]:
             groups = draw(st.sampled_from([d for d in _divisors(cin)[1:-1] if d <= max_cout]))
             cout = groups * draw(st.integers(1, max(1, max_cout // groups)))
-        else:
-            cout = draw(st.integers(2, max_cout))
+        else:  # one dense conv in eight is a 1-channel bottleneck (size-1 channel dims are an edge case)
+            cout = 1 if draw(st.integers(0, 7)) == 7 else draw(st.integers(2, max_cout))
     elif style != "dense":
         common = [d for d in _divisors(cin) if cout % d == 0 and d > 1]
         groups = draw(st.sampled_from(common)) if common else 1
@@ -584,7 +584,7 @@ def _block(draw, shapes: list[tuple[int, int, int]], literal: bool):
     c, h, w = shapes[-1]
     kinds = ["conv", "residual", "concat", "se", "act", "pool", "skip", "split", "shuffle"]
     if c < 2:
-        kinds = [k for k in kinds if k not in ("split", "shuffle", "se")]
+        kinds = [k for k in kinds if k not in ("split", "se")]
     if min(h, w) < 2:
         kinds.remove("pool")
     if c + 2 > MAX_CAT_C:
@@ -617,7 +617,7 @@ def _block(draw, shapes: list[tuple[int, int, int]], literal: bool):
     if kind == "se":
         return SE(draw(st.integers(1, c)))
     if kind == "shuffle":
-        return Shuffle(draw(st.sampled_from(_divisors(c)[1:])))
+        return Shuffle(draw(st.sampled_from(_divisors(c)[1:] + [1])))  # groups=1: a no-op, size-1 dims
     if kind == "act":
         # not the in-place ReLU: the block's input may be the network input or an output kept for a Skip
         return Act(draw(st.sampled_from([a for a in ACTS if a not in ("none", "relu_")])), dropout=draw(st.booleans()))
