@@ -153,6 +153,11 @@ def compile(
     spec = (spec or Spec()).merged({k: v for k, v in overrides.items() if v is not None}, source="compile() arguments")
     if not spec.has_target:
         raise BudgetError("no target given", hint="pass target_size (e.g. '4MB', '25%', '8x'), target_flops or max_accuracy_drop")
+    if spec.actions.remove_layers:
+        raise UserError("actions.remove_layers: layer removal (N2N) is not available in this version",
+                        hint="set remove_layers = false; channel pruning, sparsity and bit-widths are available")
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device = 'cuda' but torch sees no CUDA device", hint="use --device cpu")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     torch.manual_seed(spec.seed)

@@ -104,7 +104,7 @@ def build_problem(
     progress: bool = False,
 ) -> Problem:
     """The compression problem of ``graph`` under ``spec`` (sensitivities measured, then cached)."""
-    from compressc.passes.analysis.sensitivity import measure_sensitivity
+    from compressc.sensitivity import measure_sensitivity
 
     analysis = analyze_channels(graph)
     actions = spec.actions

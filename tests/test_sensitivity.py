@@ -18,9 +18,9 @@ from torch import nn
 
 import compressc
 from compressc.errors import UserError
-from compressc.passes.analysis import sensitivity as sens
+from compressc import sensitivity as sens
 from compressc.passes.analysis.importance import get_criterion
-from compressc.passes.analysis.sensitivity import (
+from compressc.sensitivity import (
     TIE_BREAK,
     default_calibration_inputs,
     measure_sensitivity,

@@ -39,7 +39,7 @@ from compressc.passes.lowering.quantize import QuantizedTensor, QuantSpec, dequa
 from compressc.passes.lowering.sparsify import block_mask
 from compressc.plan import LayerSettings, Plan, weight_tensors
 
-__all__ = ["Prepared", "Compact", "prepare", "finalize", "lower", "predict_bytes", "to_record", "PlanError"]
+__all__ = ["Prepared", "Compact", "prepare", "finalize", "lower", "predict_bytes", "to_record", "quant_spec", "PlanError"]
 
 
 class PlanError(UserError):
@@ -88,7 +88,7 @@ class Compact:
 PER_CHANNEL_MIN_ROW_BITS = 64
 
 
-def _spec(settings: LayerSettings, tensor: torch.Tensor) -> QuantSpec:
+def quant_spec(settings: LayerSettings, tensor: torch.Tensor) -> QuantSpec:
     """Per-output-channel scales, except for rows so short (``fan_in * bits < 64``, e.g. the 4..16-input
     layers of a squeeze-excitation block at 2 bits) that one scale byte per row would cost more than
     an eighth of the row: those get one scale per tensor."""
@@ -115,7 +115,7 @@ def prepare(graph: Graph, plan: Plan) -> Prepared:
     masks: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
     for name, settings in plan.layers.items():
         w = params[name]
-        specs[name] = _spec(settings, w)
+        specs[name] = quant_spec(settings, w)
         if settings.sparsity > 0:
             try:
                 masks[name] = block_mask(w, settings.sparsity, settings.sparsity_kind)

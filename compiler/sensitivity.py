@@ -45,11 +45,11 @@ from torch.utils._pytree import tree_leaves
 
 from compressc.errors import UserError
 from compressc.ir import Graph
-from compressc.passes.lowering.compact import PlanError, prepare
+from compressc.passes.lowering.compact import PlanError, prepare, quant_spec
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
 from compressc.passes.lowering.quantize import QuantSpec, dequantize, quantize
 from compressc.passes.lowering.sparsify import sparsity_mask
-from compressc.plan import SPARSITY_KINDS, Plan, weight_tensors
+from compressc.plan import SPARSITY_KINDS, LayerSettings, Plan, weight_tensors
 from compressc.problem import Knob
 
 __all__ = ["measure_sensitivity", "proxy_distortion", "default_calibration_inputs", "model_hash",
@@ -306,11 +306,10 @@ class _Meter:
     def _compressed_weight(self, knob: Knob, value: Any, w: torch.Tensor) -> torch.Tensor:
         """What ``finalize`` stores for this weight: the (masked) quantize-dequantize round trip."""
         name = str(knob.target)
-        channel_dim = 0 if w.dim() >= 1 else None
-        if knob.kind == "bits":
-            spec, mask = QuantSpec(bits=int(value), scheme=self.scheme, channel_dim=channel_dim), None
+        if knob.kind == "bits":  # the same quantizer finalize picks (scale granularity included)
+            spec, mask = quant_spec(LayerSettings(bits=int(value), scheme=self.scheme), w), None
         else:
-            spec = QuantSpec(bits=32, channel_dim=channel_dim)
+            spec = quant_spec(LayerSettings(bits=32), w)
             mask = sparsity_mask(w, float(value), self.sparsity_kind)
         return dequantize(quantize(w, spec, name=name, mask=mask)).to(w.dtype).to(w.device)
 
