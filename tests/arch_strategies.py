@@ -683,7 +683,7 @@ def architectures() -> st.SearchStrategy[tuple[nn.Module, tuple[torch.Tensor, ..
 
 # --- plans -----------------------------------------------------------------------------------------
 
-def draw_plan(draw, groups) -> dict[int, list[int]]:
+def draw_plan(draw, groups, min_keep: int = 1) -> dict[int, list[int]]:
     """Per prunable group: skip it, keep all its units, or keep a random non-empty proper subset.
 
     A subset also keeps at least one unit of each of the group's ``segments`` (unit sets that are all
@@ -699,8 +699,9 @@ def draw_plan(draw, groups) -> dict[int, list[int]]:
         if choice == "all":
             plan[group.id] = list(range(group.size))
         elif choice == "subset":
-            most = max(1, group.size - 1)  # a proper subset where there is one ("all" covers the rest)
-            keep = set(draw(st.lists(st.integers(0, group.size - 1), min_size=1, max_size=most, unique=True)))
+            least = min(min_keep, group.size)
+            most = max(least, group.size - 1)  # a proper subset where there is one ("all" covers the rest)
+            keep = set(draw(st.lists(st.integers(0, group.size - 1), min_size=least, max_size=most, unique=True)))
             for segment in getattr(group, "segments", ()):
                 units = sorted(int(u) for u in segment)
                 if not keep.intersection(units):
@@ -709,7 +710,8 @@ def draw_plan(draw, groups) -> dict[int, list[int]]:
     return plan
 
 
-def plans(groups) -> st.SearchStrategy[dict[int, list[int]]]:
-    """Plans for ``groups`` (the list ``compressc.channel_groups`` returns)."""
+def plans(groups, min_keep: int = 1) -> st.SearchStrategy[dict[int, list[int]]]:
+    """Plans for ``groups`` (the list ``compressc.channel_groups`` returns), keeping at least
+    ``min_keep`` units of every group they prune (where the group has that many)."""
     groups = list(groups)
-    return st.composite(lambda draw: draw_plan(draw, groups))()
+    return st.composite(lambda draw: draw_plan(draw, groups, min_keep))()

@@ -170,6 +170,8 @@ def _conv(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, m: nn.Modul
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     g = m.groups
     out = ctx.fresh((m.out_channels,), node.name)
+    if g == 1 and m.in_channels == m.out_channels == 1 and in_slots is not None:
+        ctx.unify(in_slots, out)  # a one-channel conv is depthwise too (as a pruned depthwise conv becomes)
     w_out_dim, w_in_dim = (1, 0) if transposed else (0, 1)
     if g == 1:
         if in_slots is not None:
@@ -709,7 +711,12 @@ def _reshape(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta) -> None:
         # a channel dim of size 1 (a group pruned to one unit) does not vary: place it by the dim groups
         if set(in_dims) & set(x.dims) and not varying & set(out_dims) and out_dims:
             size = int(np.prod([in_shape[d] for d in in_dims if d in x.dims]))
-            varying.add(next((d for d in out_dims if out_shape[d] == size), out_dims[0]))
+            place = next((d for d in out_dims if out_shape[d] == size), None)
+            if place is None:  # merged into a dim of another size: cannot tell where it went
+                ctx.freeze(x, node.name, "reshape whose channel mapping cannot be proven")
+                ctx.states[node.name] = None
+                return
+            varying.add(place)
     varying = sorted(varying)
     joint = full[tuple(slice(None) if d in varying else 0 for d in range(full.ndim))]
     if not varying or np.unique(joint).size != np.unique(x.slots).size:
