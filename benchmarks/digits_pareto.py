@@ -6,7 +6,7 @@ then held-out accuracy of the compact model and the bytes of its weights file. T
 accuracy and size are the baseline, measured in the same run. Target: at 8KB (about 50x smaller than the
 fp32 weights file) the convex solver keeps accuracy within 3 points of the uncompressed model.
 
-    python benchmarks/digits_pareto.py [--sizes 200KB 50KB 20KB 8KB 4KB] [--epochs 3] [--markdown]
+    python benchmarks/digits_pareto.py [--sizes 200KB 50KB 20KB 8KB 4KB] [--epochs 10] [--markdown]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["200KB", "50KB", "20KB", "8KB", "4KB"])
     parser.add_argument("--solvers", nargs="+", default=["uniform", "greedy", "convex"])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args()
     torch.set_num_threads(1)
