@@ -231,7 +231,7 @@ def compile(
         noop=False,
         plan=plan.to_dict(),
         plan_summary=_plan_summary(plan, problem, graph),
-        predicted_bytes=problem.bytes(_choice_of(problem, plan)) if _choice_of(problem, plan) is not None else None,
+        predicted_bytes=problem.bytes_of(plan),
         weights_bytes=measured,
         compressed={"params": after.params, "macs": after.macs, "flops": after.flops, "accuracy": accuracy_after},
         objective=_objective(problem, plan),
@@ -246,24 +246,8 @@ def compile(
     return CompileResult(compact.module, plan, report, compact)
 
 
-def _choice_of(problem: Problem, plan: Plan):
-    """The option indices that produce ``plan`` (None if the plan did not come from these knobs)."""
-    choice = []
-    for knob in problem.knobs:
-        if knob.kind == "keep":
-            kept = plan.channels.get(int(knob.target))
-            value = knob.options[0] if kept is None else len(kept)
-        else:
-            s = plan.layers.get(str(knob.target))
-            value = (s.bits if s else 32) if knob.kind == "bits" else (s.sparsity if s else 0.0)
-        if value not in knob.options:
-            return None
-        choice.append(knob.options.index(value))
-    return tuple(choice)
-
-
 def _objective(problem: Problem, plan: Plan) -> float | None:
-    choice = _choice_of(problem, plan)
+    choice = problem.choice_of(plan)
     return None if choice is None else problem.objective(choice)
 
 

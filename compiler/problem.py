@@ -119,6 +119,22 @@ class Problem:
         }
         return Plan(channels=channels, layers=settings)
 
+    def choice_of(self, plan: Plan) -> Choice | None:
+        """The option indices behind ``plan`` (the inverse of ``plan(choice)``), or None when a
+        setting of ``plan`` is not one of its knob's options."""
+        choice = []
+        for knob in self.knobs:
+            if knob.kind == "keep":
+                kept = plan.channels.get(int(knob.target))
+                value = knob.options[0] if kept is None else len(kept)
+            else:
+                s = plan.layers.get(str(knob.target))
+                value = (s.bits if s else 32) if knob.kind == "bits" else (s.sparsity if s else 0.0)
+            if value not in knob.options:
+                return None
+            choice.append(knob.options.index(value))
+        return tuple(choice)
+
     def objective(self, choice: Sequence[int]) -> float:
         self._check(choice)
         return float(sum(k.distortion[i] for k, i in zip(self.knobs, choice)))
