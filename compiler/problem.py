@@ -53,8 +53,9 @@ class Knob:
 class TensorCost:
     """Structure of one weight tensor's bytes, for relaxations:
     ``bytes ~= numel * rows * cols * bits / 8 * density + per_row_bytes * rows`` where ``rows`` /
-    ``cols`` are the kept fractions of its output / input channels: ``sum(w * keep_fraction[knob])``
-    over ``out_keep`` / ``in_keep`` (pairs of knob index and weight; an empty tuple means 1)."""
+    ``cols`` are the kept fractions of its output / input channels:
+    ``sum(w * keep_fraction[knob]) + (1 - sum(w))`` over ``out_keep`` / ``in_keep`` (pairs of knob
+    index and the share ``w`` of the dim it covers; a part no listed knob covers keeps all its units)."""
 
     tensor: str
     numel: int

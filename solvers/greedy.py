@@ -80,8 +80,8 @@ class _Estimate:
         return [float(v) for v in knob.options]
 
     def tensor(self, t: TensorCost, c) -> float:
-        def kept(pairs):
-            return sum(w * self.values[j][c[j]] for j, w in pairs) if pairs else 1.0
+        def kept(pairs):  # a part of the dim no listed knob covers keeps all its units
+            return sum(w * self.values[j][c[j]] for j, w in pairs) + (1.0 - sum(w for _, w in pairs))
 
         rows, cols = kept(t.out_keep), kept(t.in_keep)
         if self.resource == "flops":

@@ -1,0 +1,159 @@
+"""compressc.compile and `compressc MODEL.py --target-size ...`: budgets met, bad requests refused
+with exit code 2 and nothing written, the input file never touched."""
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import compressc
+from compressc.cli import main
+from compressc.driver import BudgetError
+
+MODEL_FILE = """
+import torch, torch.nn as nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+example_input = torch.randn(2, 1, 8, 8)
+"""
+
+TRAINABLE = MODEL_FILE + """
+_x = torch.randn(64, 1, 8, 8)
+_y = (_x.mean((1, 2, 3)) > 0).long() + (_x[:, 0, 0, 0] > 1).long()
+train_loader = [(_x[i:i + 16], _y[i:i + 16]) for i in range(0, 64, 16)]
+def evaluate(m):
+    with torch.no_grad():
+        return (m(_x).argmax(1) == _y).float().mean().item()
+"""
+
+
+def _write(tmp_path, text=MODEL_FILE, name="net.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("solver", ["uniform", "greedy", "convex"])
+def test_compile_meets_the_byte_target(solver):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 4)).eval()
+    result = compressc.compile(net, (torch.randn(4, 32),), target_size="15%", solver=solver, progress=False)
+    assert result.report["weights_bytes"] <= result.report["target_bytes"]
+    assert result.report["weights_bytes"] == result.compact.predicted_bytes
+    with torch.no_grad():
+        out = result.module(torch.randn(3, 32))
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
+
+
+def test_cli_writes_the_artifact_and_summary(tmp_path):
+    model = _write(tmp_path)
+    before = model.read_bytes()
+    res = _run(model, "--target-size", "30%", "--solver", "greedy")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "net.compressc"
+    report = json.loads((out / "report.json").read_text())
+    assert report["weights_bytes"] <= report["target_bytes"]
+    assert (out / "weights.cqw").stat().st_size == report["weights_bytes"]
+    assert "weights file" in res.output and "plan" in res.output
+    assert model.read_bytes() == before
+    loaded = compressc.load(out)
+    assert loaded(torch.randn(1, 1, 8, 8)).shape == (1, 3)
+
+
+def test_cli_json_report(tmp_path):
+    model = _write(tmp_path)
+    res = _run(model, "--target-size", "40%", "--json", "-o", tmp_path / "o")
+    assert res.exit_code == 0
+    report = json.loads(res.stdout)
+    assert report["weights_bytes"] <= report["target_bytes"] and report["output"].endswith("o")
+
+
+def test_finetuning_with_distillation_reports_accuracy(tmp_path):
+    model = _write(tmp_path, TRAINABLE)
+    res = _run(model, "--target-size", "25%", "--finetune-epochs", "2", "--json", "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert len(report["finetune"]["losses"]) == 2
+    assert report["original"]["accuracy"] is not None and report["compressed"]["accuracy"] is not None
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--target-size", "4 MBs"], "unknown unit"),
+        (["--target-size", "10B"], "below the smallest size this spec allows"),
+        (["--target-flops", "1"], "below the fewest"),
+        (["--target-size", "50%", "--solver", "convx"], "did you mean 'convex'"),
+        ([], "no target"),
+    ],
+)
+def test_bad_requests_exit_2_and_write_nothing(tmp_path, args, pattern):
+    model = _write(tmp_path)
+    before = model.read_bytes()
+    res = CliRunner().invoke(main, [str(model), *args])
+    assert res.exit_code == 2, res.output
+    assert pattern in res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["net.py"]
+    assert model.read_bytes() == before
+
+
+def test_target_larger_than_the_model_is_a_noop_notice(tmp_path):
+    model = _write(tmp_path)
+    res = _run(model, "--target-size", "1GB")
+    assert res.exit_code == 0 and "nothing to compress" in res.output
+    assert not (tmp_path / "net.compressc").exists()
+
+
+def test_spec_typo_suggests_the_key(tmp_path):
+    model = _write(tmp_path)
+    spec = tmp_path / "compress.toml"
+    spec.write_text('target_sise = "20KB"\n')
+    res = CliRunner().invoke(main, [str(model), "--spec", str(spec)])
+    assert res.exit_code == 2 and "target_size" in res.output
+
+
+def test_existing_output_needs_force(tmp_path):
+    model = _write(tmp_path)
+    (tmp_path / "out").mkdir()
+    res = CliRunner().invoke(main, [str(model), "--target-size", "50%", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "--force" in res.output
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_empty_train_loader_and_bad_evaluate_are_user_errors(tmp_path):
+    empty = _write(tmp_path, MODEL_FILE + "train_loader = []\n", "empty.py")
+    res = CliRunner().invoke(main, [str(empty), "--target-size", "50%", "--finetune-epochs", "1"])
+    assert res.exit_code == 2 and "no batches" in res.output
+    nan = _write(tmp_path, MODEL_FILE + "def evaluate(m):\n    return float('nan')\n", "nan.py")
+    res = CliRunner().invoke(main, [str(nan), "--target-size", "50%"])
+    assert res.exit_code == 2 and "evaluate" in res.output
+
+
+def test_library_refuses_an_impossible_budget_with_the_minimum():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    with pytest.raises(BudgetError, match=r"smallest size this spec allows: [\d,]+ bytes"):
+        compressc.compile(net, (torch.randn(1, 8),), target_size=10, progress=False)
+
+
+def test_accuracy_only_target_keeps_the_floor(tmp_path):
+    ns: dict = {}
+    exec(textwrap.dedent(TRAINABLE), ns)
+    result = compressc.compile(ns["model"], (ns["example_input"],), max_accuracy_drop=0.05, evaluate=ns["evaluate"],
+                               solver="greedy", progress=False)
+    drop = result.report["original"]["accuracy"] - result.report["compressed"]["accuracy"]
+    assert drop <= 0.05 + 1e-9 and result.report["accuracy_floor_met"]
+    assert not math.isnan(drop)
