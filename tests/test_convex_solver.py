@@ -112,17 +112,9 @@ def synthetic(seed: int, layers: int, *, sparse_share: float = 0.5, residual: fl
 
 def choice_of(problem: Problem, plan: Plan) -> tuple[int, ...]:
     """The option indices behind ``plan``; fails if a setting is not one of its knob's options."""
-    choice = []
-    for knob in problem.knobs:
-        if knob.kind == "keep":
-            kept = plan.channels.get(int(knob.target))
-            value = knob.options[0] if kept is None else len(kept)
-        else:
-            s = plan.layers.get(str(knob.target))
-            value = (s.bits if s else 32) if knob.kind == "bits" else (s.sparsity if s else 0.0)
-        assert value in knob.options, f"{knob.key}: {value} is not an option {knob.options}"
-        choice.append(knob.options.index(value))
-    return tuple(choice)
+    choice = problem.choice_of(plan)
+    assert choice is not None, f"the plan has a setting that is not a knob option: {plan}"
+    return choice
 
 
 def optimum(problem: Problem, budget: Budget):
