@@ -202,6 +202,9 @@ def compile(
     if budget.bytes is None and budget.flops is None:  # accuracy-only target: the smallest that keeps it
         budget = _accuracy_budget(problem, graph, spec, evaluate, accuracy_before, say)
     solver_impl = get_solver(spec.solver, **spec.solver_options)
+    if budget.flops is not None and "flops" not in type(solver_impl).capabilities:
+        raise BudgetError(f"solver {spec.solver!r} does not honour FLOPs budgets",
+                          hint="use a solver with the 'flops' capability (uniform, greedy, convex), or drop target_flops")
     rng = np.random.default_rng(spec.seed)
     effective = budget
     for attempt in range(5):

@@ -3,9 +3,9 @@
 In the manner of optuna's ``pytest_samplers``: subclass ``SolverConformance`` and set
 ``solver_factory`` to a callable returning a fresh solver; every ``test_*`` method then runs for it::
 
-    from .solver_conformance import SolverConformance
+    from .solver_conformance import FlopsConformance, SolverConformance
 
-    class TestConvex(SolverConformance):
+    class TestConvex(SolverConformance, FlopsConformance):   # FlopsConformance: it honours FLOPs budgets
         solver_factory = ConvexSolver                          # a class, or
         # solver_factory = staticmethod(lambda: ConvexSolver(max_iters=50))
 
@@ -35,7 +35,7 @@ from compressc.plan import Plan
 from compressc.problem import Budget, Choice, Knob, Problem, TensorCost
 from compressc.solvers.base import Solver, get_solver
 
-__all__ = ["SolverConformance", "separable_problem", "coupled_problem", "budgets", "choice_of", "PROBLEMS"]
+__all__ = ["SolverConformance", "FlopsConformance", "separable_problem", "coupled_problem", "budgets", "choice_of", "PROBLEMS"]
 
 BITS = (32, 8, 4, 2)
 SPARSITY = (0.0, 0.5, 0.75)
@@ -216,10 +216,6 @@ class SolverConformance:
             assert got <= budget.flops, f"{got:,} FLOPs > budget {budget.flops:,} (choice {choice})"
         return choice
 
-    def needs_flops(self) -> None:
-        if "flops" not in type(self.make_solver()).capabilities:
-            pytest.skip("the solver does not honour FLOPs budgets")
-
     # -- the protocol ----------------------------------------------------------------------------
     def test_name_and_capabilities_are_class_constants(self):
         solver = self.make_solver()
@@ -229,6 +225,10 @@ class SolverConformance:
         assert "bytes" in cls.capabilities and cls.capabilities <= {"bytes", "flops", "score"}
         assert "name" not in vars(solver) and "capabilities" not in vars(solver), "set them on the class"
         assert isinstance(solver, Solver)
+
+    def test_every_declared_capability_is_tested(self):
+        if "flops" in type(self.make_solver()).capabilities:
+            assert isinstance(self, FlopsConformance), "a solver that honours FLOPs budgets also subclasses FlopsConformance"
 
     def test_found_through_the_registry(self):
         solver = self.make_solver()
@@ -251,16 +251,6 @@ class SolverConformance:
             if all(len(k.options) > 1 for k in problem.knobs):
                 assert plan == Plan()
         assert self.solve(problem, Budget()) == problem.plan(problem.uncompressed())
-
-    @pytest.mark.parametrize("problem_name", ["coupled", "coupled-overhead", "coupled-rules"])
-    def test_plans_fit_flops_budgets(self, problem_name):
-        self.needs_flops()
-        problem = PROBLEMS[problem_name]()
-        byte_budgets = budgets(problem)
-        for i, f in enumerate(budgets(problem, "flops")):
-            self.assert_fits(problem, Budget(flops=f), self.solve(problem, Budget(flops=f)))
-            both = Budget(bytes=byte_budgets[i % len(byte_budgets)], flops=f)
-            self.assert_fits(problem, both, self.solve(problem, both))
 
     # Every subclass runs this one method: its examples are shared through hypothesis's database
     # (differing executors), which only replays one solver's failures on the others.
@@ -295,3 +285,17 @@ class SolverConformance:
                     assert int(knob.target) not in plan.channels, f"group {knob.target} may not be pruned"
                 else:
                     assert plan.layers[str(knob.target)].bits == knob.options[0]
+
+
+class FlopsConformance:
+    """Tests for solvers whose ``capabilities`` include ``"flops"``: mix in beside ``SolverConformance``
+    (``SolverConformance`` checks that every solver declaring the capability does)."""
+
+    @pytest.mark.parametrize("problem_name", ["coupled", "coupled-overhead", "coupled-rules"])
+    def test_plans_fit_flops_budgets(self, problem_name):
+        problem = PROBLEMS[problem_name]()
+        byte_budgets = budgets(problem)
+        for i, f in enumerate(budgets(problem, "flops")):
+            self.assert_fits(problem, Budget(flops=f), self.solve(problem, Budget(flops=f)))
+            both = Budget(bytes=byte_budgets[i % len(byte_budgets)], flops=f)
+            self.assert_fits(problem, both, self.solve(problem, both))

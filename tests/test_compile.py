@@ -157,3 +157,12 @@ def test_accuracy_only_target_keeps_the_floor(tmp_path):
     drop = result.report["original"]["accuracy"] - result.report["compressed"]["accuracy"]
     assert drop <= 0.05 + 1e-9 and result.report["accuracy_floor_met"]
     assert not math.isnan(drop)
+
+
+def test_a_flops_target_needs_a_solver_that_honours_it(monkeypatch):
+    from compressc.solvers.uniform import UniformSolver
+
+    monkeypatch.setattr(UniformSolver, "capabilities", frozenset({"bytes"}))
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).eval()
+    with pytest.raises(BudgetError, match="does not honour FLOPs budgets"):
+        compressc.compile(net, (torch.randn(1, 8),), target_flops="50%", solver="uniform", progress=False)

@@ -24,7 +24,7 @@ from compressc.solvers.base import Solver, get_solver
 from compressc.solvers.convex import ConvexSolver, tensor_bytes, tensor_factors
 from compressc.solvers.milp import exact_optimum
 
-from .solver_conformance import SolverConformance
+from .solver_conformance import FlopsConformance, SolverConformance
 
 BITS = (32, 8, 6, 4, 3, 2)
 SPARSITY = (0.0, 0.25, 0.5, 0.75)
@@ -360,5 +360,5 @@ def test_resnet50_sized_problem_is_fast():
 
 
 # -- the protocol every solver passes -------------------------------------------------------------------
-class TestConvexConformance(SolverConformance):
+class TestConvexConformance(SolverConformance, FlopsConformance):
     solver_factory = ConvexSolver

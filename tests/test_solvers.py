@@ -22,17 +22,17 @@ from compressc.solvers.base import ENTRY_POINT_GROUP, SolverError, UnknownSolver
 from compressc.solvers.greedy import GreedySolver
 from compressc.solvers.uniform import UniformSolver
 
-from .solver_conformance import SolverConformance, choice_of, coupled_problem, separable_problem
+from .solver_conformance import FlopsConformance, SolverConformance, choice_of, coupled_problem, separable_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILTINS = {"uniform", "greedy", "convex"}
 
 
-class TestUniform(SolverConformance):
+class TestUniform(SolverConformance, FlopsConformance):
     solver_factory = UniformSolver
 
 
-class TestGreedy(SolverConformance):
+class TestGreedy(SolverConformance, FlopsConformance):
     solver_factory = GreedySolver
 
     def test_a_budget_below_the_minimum_names_the_minimum(self):
@@ -184,7 +184,7 @@ def _uninstall(mp: pytest.MonkeyPatch) -> None:
     importlib.invalidate_caches()
 
 
-class TestFakePlugin(SolverConformance):
+class TestFakePlugin(SolverConformance, FlopsConformance):
     """The whole conformance class, for a solver that only the entry-point machinery can find."""
 
     solver_factory = staticmethod(lambda: get_solver("fake"))
