@@ -15,7 +15,6 @@ True
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -27,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from compressc.artifact import encode_weights
 from compressc.errors import UserError
+from compressc.evaluation import checked_score
 from compressc.frontends.fx import trace
 from compressc.ir import Graph
 from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, prepare
@@ -34,7 +34,6 @@ from compressc.plan import Plan
 from compressc.problem import Budget, Problem
 from compressc.solvers.base import get_solver
 from compressc.spec import Spec
-from compressc.units import parse_size
 
 __all__ = ["compile", "CompileResult", "BudgetError"]
 
@@ -59,13 +58,8 @@ class CompileResult:
         return self.compact.save(directory, report=self.report, force=force)
 
 
-def _evaluate(evaluate: Callable | None, module: nn.Module) -> float | None:
-    if evaluate is None:
-        return None
-    value = evaluate(module)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(float(value)):
-        raise UserError(f"evaluate(model) returned {value!r}; it must return a finite number (higher is better)")
-    return float(value)
+def _evaluate(evaluate: Callable | None, module: nn.Module, when: str) -> float | None:
+    return None if evaluate is None else checked_score(evaluate(module), when)
 
 
 def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list[tuple] | None:
@@ -168,7 +162,7 @@ def compile(
     original_bytes = predict_bytes(graph, Plan())
     budget = Budget(bytes=spec.target_bytes(totals.weight_bytes), flops=spec.target_flops_value(totals.flops))
     timings = {"trace_s": time.perf_counter() - t0}
-    accuracy_before = _evaluate(evaluate, model)
+    accuracy_before = _evaluate(evaluate, model, "on the original model")
     report: dict[str, Any] = {
         "spec": spec.to_dict(), "solver": spec.solver, "seed": spec.seed,
         "original": {"weights_bytes": original_bytes, "fp32_weight_bytes": totals.weight_bytes, "params": totals.params,
@@ -229,7 +223,7 @@ def compile(
     else:
         raise BudgetError(f"could not meet {budget.bytes:,} bytes after 5 attempts (last: {measured:,})")
     after = trace(compact.module, tuple(example_inputs)).totals()
-    accuracy_after = _evaluate(evaluate, compact.module)
+    accuracy_after = _evaluate(evaluate, compact.module, "on the compressed model")
     report.update(
         noop=False,
         plan=plan.to_dict(),
@@ -267,7 +261,7 @@ def _accuracy_budget(problem: Problem, graph: Graph, spec: Spec, evaluate, accur
     for _ in range(8):
         mid = (lo + hi) // 2
         plan = solver_impl.solve(problem, Budget(bytes=mid), np.random.default_rng(spec.seed))
-        accuracy = _evaluate(evaluate, lower(graph, plan).module)
+        accuracy = _evaluate(evaluate, lower(graph, plan).module, f"on a plan of {mid:,} bytes")
         say(f"accuracy at {mid:,} bytes: {accuracy:.4f}")
         if accuracy_before - accuracy <= spec.max_accuracy_drop:
             best, hi = mid, mid

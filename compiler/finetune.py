@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from compressc.errors import UserError
+from compressc.evaluation import checked_score
 
 __all__ = ["FinetuneConfig", "FinetuneReport", "distillation_loss", "finetune", "split_batch"]
 
@@ -327,19 +328,7 @@ def _score(evaluate: Callable[[nn.Module], Any], student: nn.Module, home: torch
         student.train()
         if device is not None:
             student.to(device)
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UserError(
-            f"evaluate(model) returned {type(value).__name__} {value!r} {when}; it must return a number "
-            "(higher is better, e.g. accuracy in [0, 1])"
-        )
-    if not math.isfinite(value):
-        raise UserError(
-            f"evaluate(model) returned {value} {when}; it must return a finite number",
-            hint="check evaluate for a division by zero or an empty evaluation set",
-        )
-    return float(value)
+    return checked_score(value, when)
 
 
 def _optimizer(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:

@@ -10,7 +10,6 @@ sensitivity pass; exact costs from the lowering passes and the size model.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Callable, Sequence
 
 import numpy as np

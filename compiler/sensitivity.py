@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import numbers
 import os
 import tempfile
 import time
@@ -43,7 +42,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils._pytree import tree_leaves
 
-from compressc.errors import UserError
+from compressc.evaluation import checked_score
 from compressc.ir import Graph
 from compressc.passes.lowering.compact import PlanError, prepare, quant_spec
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
@@ -255,20 +254,6 @@ def _kept(ranking: dict[int, tuple[int, ...]], knob: Knob, value: Any) -> tuple[
 
 
 # -- measuring -----------------------------------------------------------------------------------
-def _checked_score(value: Any, what: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UserError(
-            f"evaluate(model) returned {type(value).__name__} {value!r} {what}; it must return a number "
-            "(higher is better, e.g. accuracy in [0, 1])"
-        )
-    if not math.isfinite(value):
-        raise UserError(f"evaluate(model) returned {value} {what}; it must return a finite number",
-                        hint="check evaluate for a division by zero or an empty evaluation set")
-    return float(value)
-
-
 class _Meter:
     """Builds the one-knob modules and scores them against the BatchNorm-folded float reference."""
 
@@ -286,7 +271,7 @@ class _Meter:
             return None
         module.eval()
         with torch.no_grad():
-            return _checked_score(self.evaluate(module), what)
+            return checked_score(self.evaluate(module), what)
 
     def measure(self, knob: Knob, value: Any, ranking: dict[int, tuple[int, ...]]) -> dict[str, float | None]:
         what = f"for knob {knob.key} at option {value!r}"

@@ -16,7 +16,6 @@ True
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
