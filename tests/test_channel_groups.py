@@ -252,3 +252,18 @@ def test_a_group_pruned_to_one_channel_is_still_followed_through_flatten():
     g1 = compressc.trace(small, (x,))
     groups1 = compressc.channel_groups(g1)
     assert [(grp.size, grp.prunable) for grp in groups1] == [(1, True), (3, False)]
+
+
+def test_stacking_differently_laid_out_channels_freezes_both():
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 4, 1), nn.Conv2d(2, 4, 1)
+
+        def forward(self, x):  # a's channels on dim 1 stacked with b's moved to dim 2 (4 x 4 maps)
+            return torch.stack([self.a(x), self.b(x).transpose(1, 2)], dim=0).sum()  # sum: no output freeze
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ChannelAnalysisWarning)
+        g, groups = _groups(Stack(), torch.randn(1, 2, 4, 4))
+    assert not any(grp.prunable for grp in groups)

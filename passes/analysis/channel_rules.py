@@ -456,17 +456,7 @@ def _broadcast(ctx: WalkContext, node: fx.Node) -> None:
     out_spec = node.meta[META_VALUE]
     rank = _ndim(out_spec)
     args = _tensor_args(ctx, node)
-    ref: Chan | None = None
-    for st, sp in args:
-        if isinstance(st, Chan):
-            aligned = _shift(st, rank - _ndim(sp))
-            if ref is None:
-                ref = aligned
-            elif aligned.dims == ref.dims and aligned.slots.shape == ref.slots.shape:
-                ctx.unify(ref.slots, aligned.slots)
-            else:
-                ctx.freeze(ref, node.name, "combined with a differently laid out channel dim")
-                ctx.freeze(aligned, node.name, "combined with a differently laid out channel dim")
+    ref = _unify_layouts(ctx, node, [_shift(st, rank - _ndim(sp)) for st, sp in args if isinstance(st, Chan)])
     if ref is None:
         for st, _ in args:
             if isinstance(st, ParamRef):
@@ -545,20 +535,31 @@ def _concat(ctx: WalkContext, node: fx.Node) -> None:
             _opaque(ctx, node, "concatenation along part of a joint channel layout")
         return
     # along a dim without channels (tokens, stacking): the inputs' channels line up one to one
-    _broadcast(ctx, node) if not stack else _stack(ctx, node, states, specs, dim)
+    if stack:
+        _stack(ctx, node, states, specs, dim)
+    else:
+        _broadcast(ctx, node)
+
+
+def _unify_layouts(ctx: WalkContext, node: fx.Node, chans: list[Chan]) -> Chan | None:
+    """Inputs whose positions line up one to one (element-wise ops, stack): unify their layouts;
+    layouts that differ cannot be pruned in step, so all of them are frozen."""
+    if not chans:
+        return None
+    ref = chans[0]
+    if all(c.dims == ref.dims and c.slots.shape == ref.slots.shape for c in chans):
+        for c in chans[1:]:
+            ctx.unify(ref.slots, c.slots)
+    else:
+        for c in chans:
+            ctx.freeze(c, node.name, "combined with a differently laid out channel dim")
+    return ref
 
 
 def _stack(ctx: WalkContext, node: fx.Node, states: list, specs: list, dim: int) -> None:
-    ref = None
-    for st, sp in zip(states, specs):
-        if isinstance(st, Chan):
-            if ref is None:
-                ref = st
-            elif st.dims == ref.dims and st.slots.shape == ref.slots.shape:
-                ctx.unify(ref.slots, st.slots)
-            else:
-                ctx.freeze(st, node.name, "stacked with a different channel layout")
-        elif isinstance(st, ParamRef):
+    ref = _unify_layouts(ctx, node, [st for st in states if isinstance(st, Chan)])
+    for st in states:
+        if isinstance(st, ParamRef):
             ctx.opaque_param(st, node.name)
     if ref is not None and any(not isinstance(st, Chan) for st in states):
         ctx.freeze(ref, node.name, "stacked with a tensor whose channels compressc does not follow")
