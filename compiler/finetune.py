@@ -21,13 +21,14 @@ with ``w = distill_weight``; see :func:`distillation_loss` for the soft term and
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,70 +38,56 @@ from torch import nn
 
 from compressc.errors import UserError
 from compressc.evaluation import checked_score
+from compressc.spec import Finetune, SpecError
 
-__all__ = ["FinetuneConfig", "FinetuneReport", "distillation_loss", "finetune", "split_batch"]
+__all__ = ["FinetuneConfig", "FinetuneReport", "distillation_loss", "finetune", "find_lr", "lr_factor", "split_batch"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 _INPUT_KEYS = ("input", "inputs")
 _TARGET_KEYS = ("target", "targets", "label", "labels")
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Options of :func:`finetune`; invalid values raise ``UserError`` naming the option.
+def _device(v: Any, key: tuple) -> str:
+    try:
+        torch.device(v)
+    except (RuntimeError, TypeError):
+        raise SpecError(f"{v!r} is not a torch device", key=key, hint="use a device such as 'cpu' or 'cuda:0'") from None
+    return v
+
+
+def _seed(v: Any, key: tuple) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise SpecError(f"{v!r} is not a seed", key=key, hint="use an integer >= 0")
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(Finetune):
+    """Options of :func:`finetune`: the recipe of ``compressc.spec.Finetune`` (same fields, same checks;
+    a bad value raises ``SpecError`` naming ``finetune.<option>``) plus where and how to repeat it.
 
     ``distill_weight`` weighs the soft (teacher) term, the hard loss gets ``1 - distill_weight``:
-    0 is plain fine-tuning, 1 pure distillation. ``soft_loss`` picks the soft term per output:
-    ``"auto"`` (KL on logits, MSE otherwise; see :func:`distillation_loss`), ``"kl"`` or ``"mse"``.
-    ``optimizer="adam"`` is AdamW (decoupled weight decay; plain Adam when ``weight_decay=0``),
-    ``"sgd"`` is SGD with momentum 0.9. The learning rate is constant. ``batches_per_epoch`` caps the
-    batches drawn per epoch (needed for an endless ``train_loader``), ``grad_clip`` the gradient norm.
+    0 is plain fine-tuning, 1 pure distillation. ``optimizer="sgd"`` is SGD with Nesterov momentum 0.9,
+    ``"adam"`` AdamW. ``lr="auto"`` runs :func:`find_lr` first. ``batches_per_epoch`` caps the batches
+    drawn per epoch (needed for an endless ``train_loader``), ``grad_clip`` the gradient norm.
+    ``float_fraction`` is read by the staged recovery (``compressc.recovery``), not here.
+
+    >>> FinetuneConfig(epochs=2, lr=0.01).optimizer
+    'adam'
     """
 
-    epochs: int
-    lr: float = 1e-3
-    temperature: float = 4.0
-    distill_weight: float = 0.7
-    optimizer: Literal["adam", "sgd"] = "adam"
-    weight_decay: float = 0.0
-    batches_per_epoch: int | None = None
     device: str = "cpu"
     seed: int = 0
-    grad_clip: float | None = 5.0
-    soft_loss: Literal["auto", "kl", "mse"] = "auto"
 
-    def __post_init__(self) -> None:
-        def bad(option: str, rule: str) -> UserError:
-            return UserError(f"fine-tuning option {option} must be {rule}, got {getattr(self, option)!r}")
+    _checks: ClassVar[dict[str, Callable[[Any, Any], Any]]] = {
+        **Finetune._checks, "device": _device, "seed": _seed}
 
-        def number(value: Any) -> bool:
-            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-        if not (isinstance(self.epochs, int) and not isinstance(self.epochs, bool) and self.epochs >= 0):
-            raise bad("epochs", "an integer >= 0 (0 skips fine-tuning)")
-        if not (number(self.lr) and self.lr > 0):
-            raise bad("lr", "a positive number")
-        if not (number(self.temperature) and self.temperature > 0):
-            raise bad("temperature", "a positive number")
-        if not (number(self.distill_weight) and 0 <= self.distill_weight <= 1):
-            raise bad("distill_weight", "in [0, 1] (0: plain fine-tuning, 1: pure distillation)")
-        if self.optimizer not in ("adam", "sgd"):
-            raise bad("optimizer", "'adam' or 'sgd'")
-        if not (number(self.weight_decay) and self.weight_decay >= 0):
-            raise bad("weight_decay", "a number >= 0")
-        if self.batches_per_epoch is not None and not (
-            isinstance(self.batches_per_epoch, int) and not isinstance(self.batches_per_epoch, bool)
-            and self.batches_per_epoch >= 1
-        ):
-            raise bad("batches_per_epoch", "an integer >= 1 or None (no cap)")
-        if self.grad_clip is not None and not (number(self.grad_clip) and self.grad_clip > 0):
-            raise bad("grad_clip", "a positive number or None (no clipping)")
-        if self.soft_loss not in ("auto", "kl", "mse"):
-            raise bad("soft_loss", "'auto', 'kl' or 'mse'")
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as err:
-            raise bad("device", "a torch device such as 'cpu' or 'cuda:0'") from err
+    @classmethod
+    def of(cls, recipe: Finetune, **overrides: Any) -> "FinetuneConfig":
+        """The config running ``recipe`` (a spec's ``[finetune]`` table) with ``overrides`` (device,
+        seed, epochs, lr, ...)."""
+        values = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(Finetune)}
+        return cls(**{**values, **overrides})
 
 
 @dataclass(frozen=True)
@@ -111,7 +98,8 @@ class FinetuneReport:
     With ``evaluate``, ``accuracy_before`` is the score before training and ``accuracies[i]`` the score
     after epoch ``i + 1`` (otherwise both are None). ``best_epoch`` is the epoch whose weights the
     student holds at the end: 0 means the weights it came with, and it is ``len(losses)`` without
-    ``evaluate``.
+    ``evaluate``. Training stops early after ``patience`` epochs without a better score. ``lr`` is the
+    peak learning rate used (found by the range test when the config says ``"auto"``).
     """
 
     losses: tuple[float, ...]
@@ -120,6 +108,7 @@ class FinetuneReport:
     accuracy_before: float | None
     best_epoch: int
     seconds: float
+    lr: float | None = None
 
     @property
     def best_accuracy(self) -> float | None:
@@ -331,10 +320,27 @@ def _score(evaluate: Callable[[nn.Module], Any], student: nn.Module, home: torch
     return checked_score(value, when)
 
 
-def _optimizer(params: list[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
+def _optimizer(params: list[nn.Parameter], config: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(progress: float, warmup: float, schedule: str) -> float:
+    """The learning rate at ``progress`` (0 at the first step, 1 after the last) as a fraction of the
+    peak: linear warm-up over the first ``warmup`` of the steps, then cosine decay to 0 (or constant).
+
+    >>> [round(lr_factor(p, 0.1, "cosine"), 3) for p in (0.0, 0.05, 0.1, 0.55, 1.0)]
+    [0.1, 0.55, 1.0, 0.5, 0.0]
+    >>> lr_factor(0.5, 0.0, "constant")
+    1.0
+    """
+    if warmup > 0 and progress < warmup:
+        return max(progress / warmup, 0.1)
+    if schedule == "constant":
+        return 1.0
+    rest = (progress - warmup) / max(1.0 - warmup, 1e-12)
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(rest, 0.0), 1.0)))
 
 
 def _epoch_total(train_loader: Iterable, cap: int | None) -> int | None:
@@ -343,6 +349,58 @@ def _epoch_total(train_loader: Iterable, cap: int | None) -> int | None:
     except TypeError:
         return cap
     return n if cap is None else min(n, cap)
+
+
+#: The range test sweeps learning rates geometrically over [LR_MIN, LR_MAX].
+LR_MIN, LR_MAX = 1e-5, 1.0
+
+
+def find_lr(student: nn.Module, teacher: nn.Module, train_loader: Iterable, config: FinetuneConfig, *,
+            loss_fn: LossFn | None = None, steps: int = 40) -> float:
+    """A peak learning rate for fine-tuning ``student``, by a range test (Smith, 2017).
+
+    Takes ``steps`` optimizer steps with the learning rate growing geometrically from ``LR_MIN`` to
+    ``LR_MAX`` (fewer if the loss blows up), smooths the losses, and returns a tenth of the rate at the
+    smoothed minimum, never above the rate where the loss started to rise. The student's weights,
+    buffers and mode are restored afterwards: the test changes nothing. Runs on the student's device;
+    call it inside the caller's seeded random state.
+    """
+    state, mode = _snapshot(student), student.training
+    device = _device_of(student) or torch.device("cpu")
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, config, LR_MIN)
+    ratio = (LR_MAX / LR_MIN) ** (1.0 / max(steps - 1, 1))
+    lrs, losses, smooth, best = [], [], 0.0, math.inf
+    batches = itertools.chain.from_iterable(itertools.repeat(train_loader))
+    student.train()
+    try:
+        for i, batch in enumerate(itertools.islice(batches, steps)):
+            lr = LR_MIN * ratio**i
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = _loss(student, teacher, batch, config, loss_fn, device)
+            value = loss.item()
+            if not math.isfinite(value):
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            smooth = 0.7 * smooth + 0.3 * value
+            smoothed = smooth / (1 - 0.7 ** (i + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if i >= 5 and smoothed > 4 * best:
+                break
+    finally:
+        student.load_state_dict(state)
+        student.train(mode)
+    if len(losses) < 3:
+        return LR_MIN * 100
+    i_min = int(min(range(len(losses)), key=losses.__getitem__))
+    return max(lrs[i_min] / 10, LR_MIN)
 
 
 def finetune(
@@ -425,36 +483,69 @@ def _loss(student, teacher, batch, config: FinetuneConfig, loss_fn, device) -> t
                              soft_loss=config.soft_loss)
 
 
-def _epoch(student, teacher, train_loader, config, epoch, optimizer, params, loss_fn, device, bar, task):
+@dataclass
+class _Run:
+    """The state of one fine-tuning run that its epochs share."""
+
+    student: nn.Module
+    teacher: nn.Module
+    train_loader: Iterable
+    config: FinetuneConfig
+    params: list[nn.Parameter]
+    loss_fn: LossFn | None
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    lr: float
+    per_epoch: int | None  # batches per epoch, when known
+    step: int = 0
+
+    def set_lr(self, epoch: int) -> None:
+        """The scheduled rate for the next step (progress by steps when the epoch length is known)."""
+        total = self.config.epochs * self.per_epoch if self.per_epoch else None
+        progress = self.step / total if total else (epoch - 1) / self.config.epochs
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor(progress, self.config.warmup, self.config.schedule)
+
+
+def _epoch(run: _Run, epoch: int, bar, task) -> tuple[float, int]:
     """Train one epoch; ``(mean batch loss, batches drawn)``."""
     running, n = 0.0, 0
-    for n, batch in enumerate(itertools.islice(train_loader, config.batches_per_epoch), start=1):
-        loss = _loss(student, teacher, batch, config, loss_fn, device)
+    config = run.config
+    for n, batch in enumerate(itertools.islice(run.train_loader, config.batches_per_epoch), start=1):
+        run.set_lr(epoch)
+        loss = _loss(run.student, run.teacher, batch, config, run.loss_fn, run.device)
         value = loss.item()
         if not math.isfinite(value):
+            lr = run.optimizer.param_groups[0]["lr"]
             raise UserError(
-                f"the fine-tuning loss became {value} at epoch {epoch}, batch {n}",
-                hint=f"lower the learning rate (lr={config.lr:g}; try {config.lr / 10:g}) or keep grad_clip on",
+                f"the fine-tuning loss became {value} at epoch {epoch}, batch {n} (learning rate {lr:.3g})",
+                hint=f"lower the learning rate ([finetune] lr; try {lr / 10:.3g}) or keep grad_clip on",
             )
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
+            nn.utils.clip_grad_norm_(run.params, config.grad_clip)
+        run.optimizer.step()
+        run.step += 1
         running += value
         bar.update(task, advance=1, loss=f"{running / n:.4f}")
     return running / max(n, 1), n
 
 
 def _train(student, teacher, train_loader, config, params, loss_fn, evaluate, bar, device, home) -> dict[str, Any]:
-    optimizer = _optimizer(params, config)
-    total = _epoch_total(train_loader, config.batches_per_epoch)
+    per_epoch = _epoch_total(train_loader, config.batches_per_epoch)
+    lr = config.lr
+    if lr == "auto":
+        steps = max(12, min(60, (per_epoch or 40) * config.epochs // 8))
+        lr = find_lr(student, teacher, train_loader, config, loss_fn=loss_fn, steps=steps)
+    run = _Run(student, teacher, train_loader, config, params, loss_fn, device, _optimizer(params, config, lr), lr,
+               per_epoch)
     before = best_score = None if evaluate is None else _score(evaluate, student, home, "before fine-tuning")
     best_epoch, best_state = (config.epochs, None) if evaluate is None else (0, _snapshot(student))
     losses, counts, scores = [], [], []
     for epoch in range(1, config.epochs + 1):
-        task = bar.add_task(f"epoch {epoch}/{config.epochs}", total=total, loss="-")
-        loss, n = _epoch(student, teacher, train_loader, config, epoch, optimizer, params, loss_fn, device, bar, task)
+        task = bar.add_task(f"epoch {epoch}/{config.epochs}", total=per_epoch, loss="-")
+        loss, n = _epoch(run, epoch, bar, task)
         if n == 0 and epoch == 1:
             raise UserError("train_loader yielded no batches",
                             hint="check that the data set is not empty and drop_last does not drop its only batch")
@@ -463,6 +554,7 @@ def _train(student, teacher, train_loader, config, params, loss_fn, evaluate, ba
                 f"train_loader yielded no batches in epoch {epoch} (it yielded {counts[0]} in epoch 1)",
                 hint="it is probably a one-shot iterator (a generator): make it a list or a DataLoader",
             )
+        run.per_epoch = run.per_epoch or n
         losses.append(loss)
         counts.append(n)
         bar.update(task, total=n)
@@ -471,7 +563,9 @@ def _train(student, teacher, train_loader, config, params, loss_fn, evaluate, ba
             bar.update(task, description=f"epoch {epoch}/{config.epochs} · score {scores[-1]:.4f}")
             if scores[-1] >= best_score:  # ties: the later epoch, closer to the teacher
                 best_score, best_epoch, best_state = scores[-1], epoch, _snapshot(student)
-    if best_state is not None and best_epoch != config.epochs:
+            elif config.patience is not None and epoch - best_epoch >= config.patience:
+                break
+    if best_state is not None and best_epoch != len(losses):
         student.load_state_dict(best_state)
     return dict(losses=tuple(losses), batches=tuple(counts), accuracies=None if evaluate is None else tuple(scores),
-                accuracy_before=before, best_epoch=best_epoch)
+                accuracy_before=before, best_epoch=best_epoch, lr=lr)

@@ -265,27 +265,67 @@ class Actions:
         return tuple(sorted({*self.sparsity_levels, 0.0}))
 
 
+def _lr(v: Any, key: Key) -> float | str:
+    if v == "auto":
+        return v
+    if isinstance(v, str):
+        raise SpecError(f"{_show(v)} is not a learning rate", key=key,
+                        hint='write a positive number like 0.01, or "auto" (a short range test picks it)')
+    return _float(v, key, 0, math.inf, lo_open=True, hi_open=True)
+
+
+def _fraction_or_auto(v: Any, key: Key) -> float | str:
+    if v == "auto":
+        return v
+    if isinstance(v, str):
+        raise SpecError(f"{_show(v)} is not a fraction", key=key, hint='write a number in [0, 1], or "auto"')
+    return _float(v, key, 0, 1)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Finetune:
-    """Fine-tuning with distillation after lowering (the ``[finetune]`` table); ``epochs=0`` skips it.
+    """The recovery recipe (the ``[finetune]`` table): staged distillation fine-tuning after lowering;
+    ``epochs=0`` skips it. docs/finetune.md explains each option.
 
-    >>> Finetune(epochs=3).distill_weight
-    0.7
+    ``float_fraction`` of the epochs recover the pruned model in float with BatchNorm live, the rest
+    quantization-aware (``"auto"``: the measured rule of docs/finetune.md). ``lr="auto"`` runs a short
+    learning-rate range test instead of the fixed rate; the schedule warms up linearly over ``warmup`` of the steps, then decays
+    (``"cosine"``) or stays (``"constant"``). ``patience`` stops a stage after that many epochs without
+    a better ``evaluate`` score (``None``: never); the best weights are kept either way.
+
+    >>> Finetune(epochs=3).distill_weight, Finetune(epochs=3).lr
+    (0.7, 0.001)
     """
 
     epochs: int = 0
-    lr: float = 1e-3
+    lr: float | str = 1e-3
+    optimizer: Literal["sgd", "adam"] = "adam"
+    weight_decay: float = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup: float = 0.05
     temperature: float = 4.0
     distill_weight: float = 0.7
+    soft_loss: Literal["auto", "kl", "mse"] = "auto"
+    grad_clip: float | None = 5.0
     batches_per_epoch: int | None = None
+    float_fraction: float | str = "auto"
+    patience: int | None = None
 
-    _optional: ClassVar[frozenset[str]] = frozenset({"batches_per_epoch"})
+    _optional: ClassVar[frozenset[str]] = frozenset({"batches_per_epoch", "grad_clip", "patience"})
     _checks: ClassVar[dict[str, Callable[[Any, Key], Any]]] = {
         "epochs": lambda v, k: _int(v, k, lo=0),
-        "lr": lambda v, k: _float(v, k, 0, math.inf, lo_open=True, hi_open=True),
+        "lr": _lr,
+        "optimizer": lambda v, k: _choice(v, k, ("sgd", "adam"), "an optimizer"),
+        "weight_decay": lambda v, k: _float(v, k, 0, math.inf, hi_open=True),
+        "schedule": lambda v, k: _choice(v, k, ("cosine", "constant"), "a learning-rate schedule"),
+        "warmup": lambda v, k: _float(v, k, 0, 0.5),
         "temperature": lambda v, k: _float(v, k, 0, math.inf, lo_open=True, hi_open=True),
         "distill_weight": lambda v, k: _float(v, k, 0, 1),
+        "soft_loss": lambda v, k: _choice(v, k, ("auto", "kl", "mse"), "a soft loss"),
+        "grad_clip": lambda v, k: _float(v, k, 0, math.inf, lo_open=True, hi_open=True),
         "batches_per_epoch": lambda v, k: _int(v, k, lo=1),
+        "float_fraction": _fraction_or_auto,
+        "patience": lambda v, k: _int(v, k, lo=1),
     }
 
     def __post_init__(self) -> None:

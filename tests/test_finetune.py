@@ -105,8 +105,8 @@ def test_distillation_recovers_a_damaged_student(digits):
     evaluate = accuracy_on(xte, yte)
     student = damaged(teacher)
     before = evaluate(student)
-    report = finetune(student, teacher, loader(xtr, ytr), FinetuneConfig(epochs=2, lr=3e-3), evaluate=evaluate,
-                      progress=False)
+    config = FinetuneConfig(epochs=2, lr=3e-3, schedule="constant", warmup=0.0)
+    report = finetune(student, teacher, loader(xtr, ytr), config, evaluate=evaluate, progress=False)
     after = evaluate(student)
     assert report.accuracy_before == before
     assert after == report.best_accuracy  # the student ends with the weights of the best score
@@ -350,24 +350,31 @@ def test_a_non_finite_loss_names_the_epoch_and_batch_and_suggests_a_lower_lr():
         return F.cross_entropy(outputs, targets) * (math.nan if len(calls) == 7 else 1.0)
 
     with pytest.raises(UserError, match="loss became nan at epoch 2, batch 3") as err:
-        finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=2, lr=0.01), loss_fn=loss_fn, progress=False)
-    assert "lower the learning rate (lr=0.01; try 0.001)" in str(err.value)
+        config = FinetuneConfig(epochs=2, lr=0.01, schedule="constant", warmup=0.0)
+        finetune(student, teacher, tiny_data(), config, loss_fn=loss_fn, progress=False)
+    assert "(learning rate 0.01)" in str(err.value)
+    assert "lower the learning rate ([finetune] lr; try 0.001)" in str(err.value)
 
 
 @pytest.mark.parametrize("options, says", [
-    (dict(epochs=-1), "epochs must be an integer >= 0"),
-    (dict(epochs=1.5), "epochs must be"),
-    (dict(epochs=1, lr=0), "lr must be a positive number"),
-    (dict(epochs=1, temperature=-2), "temperature"),
-    (dict(epochs=1, distill_weight=1.5), "distill_weight must be in [0, 1]"),
-    (dict(epochs=1, optimizer="rmsprop"), "optimizer must be 'adam' or 'sgd', got 'rmsprop'"),
-    (dict(epochs=1, batches_per_epoch=0), "batches_per_epoch"),
-    (dict(epochs=1, grad_clip=0.0), "grad_clip"),
-    (dict(epochs=1, soft_loss="l1"), "soft_loss"),
-    (dict(epochs=1, device="gpu7"), "device"),
+    (dict(epochs=-1), "finetune.epochs: -1 is out of range; allowed: >= 0"),
+    (dict(epochs=1.5), "finetune.epochs: expected an integer"),
+    (dict(epochs=1, lr=0), "finetune.lr: 0.0 is out of range"),
+    (dict(epochs=1, lr="fast"), 'finetune.lr: "fast" is not a learning rate'),
+    (dict(epochs=1, temperature=-2), "finetune.temperature"),
+    (dict(epochs=1, distill_weight=1.5), "finetune.distill_weight: 1.5 is out of range; allowed: [0, 1]"),
+    (dict(epochs=1, optimizer="rmsprop"), 'finetune.optimizer: "rmsprop" is not an optimizer; allowed: "sgd", "adam"'),
+    (dict(epochs=1, batches_per_epoch=0), "finetune.batches_per_epoch"),
+    (dict(epochs=1, grad_clip=0.0), "finetune.grad_clip"),
+    (dict(epochs=1, soft_loss="l1"), "finetune.soft_loss"),
+    (dict(epochs=1, warmup=0.9), "finetune.warmup: 0.9 is out of range"),
+    (dict(epochs=1, schedule="step"), "finetune.schedule"),
+    (dict(epochs=1, patience=0), "finetune.patience"),
+    (dict(epochs=1, device="gpu7"), "finetune.device: 'gpu7' is not a torch device"),
+    (dict(epochs=1, seed=-1), "finetune.seed"),
 ])
 def test_bad_options_are_user_errors(options, says):
-    with pytest.raises(UserError, match="fine-tuning option") as err:
+    with pytest.raises(UserError) as err:
         FinetuneConfig(**options)
     assert says in str(err.value)
 

@@ -47,7 +47,7 @@ from compressc.passes.lowering.quantize import (
     quantize,
 )
 
-__all__ = ["FakeQuantize", "fake_quantize_module", "strip_fake_quant", "export_quantized"]
+__all__ = ["FakeQuantize", "FoldedFakeQuantize", "fake_quantize_module", "strip_fake_quant", "export_quantized"]
 
 
 class FakeQuantize(nn.Module):
@@ -117,6 +117,47 @@ class FakeQuantize(nn.Module):
         return f"{self.spec}, masked={self.mask is not None}, freeze_scales={self.freeze_scales}"
 
 
+class FoldedFakeQuantize(FakeQuantize):
+    """``FakeQuantize`` of a weight as it will be stored once the BatchNorm after its layer is folded.
+
+    Folding multiplies output channel ``c`` by ``f[c] = gamma[c] / sqrt(running_var[c] + eps)``, so the
+    file stores ``quantize(w * f)``. This parametrization returns ``fake_quant(w * f) / f`` (``f`` read
+    from the live BatchNorm at every call, without gradient): the layer followed by its BatchNorm in eval
+    mode then computes exactly what the folded, quantized layer computes, while the BatchNorm keeps
+    training (quantization-aware training with BatchNorm live, folding simulated). A channel with
+    ``f == 0`` is passed through unquantized: folding zeroes it whatever its weights.
+
+    >>> import torch, torch.nn as nn
+    >>> bn = nn.BatchNorm1d(3).eval(); _ = bn.running_var.fill_(4.0)
+    >>> w = torch.randn(3, 5)
+    >>> fq = FoldedFakeQuantize(QuantSpec(bits=4), bn)
+    >>> f = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()[:, None]
+    >>> torch.allclose(fq(w) * f, dequantize(quantize(w * f, QuantSpec(bits=4))))
+    True
+    """
+
+    def __init__(self, spec: QuantSpec, batchnorm: nn.Module, mask: torch.Tensor | None = None, *,
+                 name: str = "weight") -> None:
+        super().__init__(spec, mask, name=name)
+        object.__setattr__(self, "batchnorm", batchnorm)  # a reference, not a submodule (no second copy)
+
+    def _factor(self, weight: torch.Tensor) -> torch.Tensor:
+        bn = self.batchnorm
+        with torch.no_grad():
+            std = torch.sqrt(bn.running_var + bn.eps)
+            f = (bn.weight if bn.affine else torch.ones_like(std)) / std
+            f = torch.where(f == 0, torch.ones_like(f), f)
+        return f.to(weight.dtype).reshape((-1,) + (1,) * (weight.dim() - 1))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        f = self._factor(weight)
+        return super().forward(weight * f) / f
+
+    def quantized(self, weight: torch.Tensor) -> QuantizedTensor:
+        """The ``QuantizedTensor`` of the folded weight ``w * f``."""
+        return super().quantized(weight * self._factor(weight))
+
+
 def _copy(module: nn.Module) -> nn.Module:
     """``copy.deepcopy``, except that parametrized submodules get a class of their own.
 
@@ -144,6 +185,7 @@ def fake_quantize_module(
     *,
     masks: dict[str, torch.Tensor] | None = None,
     freeze_scales: bool = False,
+    folded: dict[str, str] | None = None,
 ) -> nn.Module:
     """A deep copy of ``module`` whose parameters named in ``specs`` are fake-quantized.
 
@@ -155,6 +197,9 @@ def fake_quantize_module(
         in the forward pass and get no gradient.
     freeze_scales : passed to every ``FakeQuantize``; parametrize evaluates each one once when it is
         registered, so frozen scales are those of the weights as they are now.
+    folded : optional qualified weight name -> path of the BatchNorm that will be folded into its layer:
+        those weights get a ``FoldedFakeQuantize`` bound to the copy's BatchNorm (see
+        ``fold_batchnorm.foldable_batchnorms``).
 
     Raises
     ------
@@ -197,7 +242,10 @@ def fake_quantize_module(
                 hint="untie them (e.g. clone the parameter) before quantization-aware training",
             )
         owner, leaf = _owner(out, name)
-        fq = FakeQuantize(spec, masks.get(name), freeze_scales=freeze_scales, name=name)
+        if folded and name in folded:
+            fq = FoldedFakeQuantize(spec, out.get_submodule(folded[name]), masks.get(name), name=name)
+        else:
+            fq = FakeQuantize(spec, masks.get(name), freeze_scales=freeze_scales, name=name)
         parametrize.register_parametrization(owner, leaf, fq)
     return out
 

@@ -33,17 +33,15 @@ import torch.nn as nn
 
 from compressc.ir import META_VALUE
 
-__all__ = ["fold_batchnorm", "FoldBatchNormPass"]
+__all__ = ["fold_batchnorm", "foldable_batchnorms", "batchnorm_factor", "FoldBatchNormPass"]
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     with torch.no_grad():
-        std = torch.sqrt(bn.running_var + bn.eps)
-        gamma = bn.weight if bn.affine else torch.ones_like(std)
-        beta = bn.bias if bn.affine else torch.zeros_like(std)
-        factor = gamma / std
+        factor = batchnorm_factor(bn)
+        beta = bn.bias if bn.affine else torch.zeros_like(factor)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         layer.weight.copy_(layer.weight * factor.reshape(shape))
         bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
@@ -54,11 +52,20 @@ def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
             layer.bias.copy_(new_bias)
 
 
-def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with every foldable BatchNorm folded into the layer before it."""
-    gm = copy.deepcopy(gm)
+def foldable_batchnorms(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """``(layer node, BatchNorm node)`` of every BatchNorm ``fold_batchnorm`` folds, in graph order.
+
+    A pair qualifies when the BatchNorm (with running statistics) takes the output of a ``Conv*d`` (not
+    transposed) or ``Linear`` call that feeds nothing else, normalises that layer's output channels, and
+    the layer is called once (a shared layer would change at its other call sites too).
+    """
     modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    pairs = []
+    for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
             continue
         bn = modules[node.target]
@@ -74,9 +81,23 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
                 continue
         elif layer.out_channels != bn.num_features:
             continue
-        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target) > 1:
-            continue  # a shared layer would change at its other call sites too
-        _fold_into(layer, bn)
+        if calls[src.target] == 1:
+            pairs.append((src, node))
+    return pairs
+
+
+def batchnorm_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``gamma / sqrt(running_var + eps)``: what folding multiplies each output channel's weights by."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    return (bn.weight if bn.affine else torch.ones_like(std)) / std
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with every foldable BatchNorm (``foldable_batchnorms``) folded into the layer before it."""
+    gm = copy.deepcopy(gm)
+    modules = dict(gm.named_modules())
+    for src, node in foldable_batchnorms(gm):
+        _fold_into(modules[src.target], modules[node.target])
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
