@@ -14,7 +14,6 @@ True
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -22,7 +21,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from compressc.artifact import encode_weights
 from compressc.errors import UserError
@@ -31,6 +29,7 @@ from compressc.frontends.fx import trace
 from compressc.ir import Graph
 from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, prepare
 from compressc.plan import Plan
+from compressc.recovery import recover
 from compressc.problem import Budget, Problem
 from compressc.solvers.base import get_solver
 from compressc.spec import Spec
@@ -76,28 +75,6 @@ def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list
         if len(batches) >= n:
             break
     return batches or None
-
-
-def _float_originals(module: nn.Module) -> nn.Module:
-    """A copy of a fake-quantized module whose parametrized weights are the trained float originals."""
-    module = copy.deepcopy(module)
-    for owner in list(module.modules()):
-        if parametrize.is_parametrized(owner):
-            for name in list(owner.parametrizations.keys()):
-                parametrize.remove_parametrizations(owner, name, leave_parametrized=False)
-    return module
-
-
-def _finetune(prepared, teacher, train_loader, spec: Spec, evaluate, loss_fn, progress: bool):
-    from compressc.finetune import FinetuneConfig, finetune
-    from compressc.passes.lowering.fake_quant import fake_quantize_module
-
-    student = fake_quantize_module(prepared.module, prepared.specs, masks=prepared.element_masks())
-    config = FinetuneConfig(epochs=spec.finetune.epochs, lr=spec.finetune.lr, temperature=spec.finetune.temperature,
-                            distill_weight=spec.finetune.distill_weight, batches_per_epoch=spec.finetune.batches_per_epoch,
-                            device=spec.device, seed=spec.seed)
-    report = finetune(student, teacher, train_loader, config, loss_fn=loss_fn, evaluate=evaluate, progress=progress)
-    return _float_originals(student), report
 
 
 def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph) -> dict[str, Any]:
@@ -175,18 +152,26 @@ def compile(
         return CompileResult(model, Plan(), report, None)
 
     say("measuring sensitivities")
-    from compressc.problem_builder import build_problem
+    from compressc.problem_builder import build_problem, needs_sparsity
 
     t1 = time.perf_counter()
+    sparsity = spec.actions.sparsity
+    if needs_sparsity(graph, spec, budget.bytes, train_loader):
+        sparsity = ("unstructured",)
+        say("the target is below what channels and bits alone reach: unstructured sparsity is on "
+            "(actions.auto_sparsity)")
+    report["sparsity"] = list(sparsity)
     problem = build_problem(graph, spec, evaluate=evaluate, data=train_loader,
                             calibration_inputs=_calibration_inputs(calibration_loader),
-                            cache_dir=cache_dir, progress=progress)
+                            cache_dir=cache_dir, progress=progress, sparsity=sparsity)
     timings["sensitivity_s"] = time.perf_counter() - t1
     floor = problem.most_compressed()
     if budget.bytes is not None and problem.bytes(floor) > budget.bytes:
         raise BudgetError(
             f"target size {budget.bytes:,} bytes is below the smallest size this spec allows: {problem.bytes(floor):,} bytes",
-            hint="ask for at least that much, or allow more compression (lower bits, keep ratios or sparsity in the spec)",
+            hint="that is the most compressed plan the spec allows (every group at its fewest channels, the lowest "
+                 "bits" + ("" if sparsity else ", no sparsity") + "): ask for at least that much"
+                 + ("" if sparsity else ", or allow sparsity ([actions] sparsity or auto_sparsity = true)"),
         )
     if budget.flops is not None and problem.flops(floor) > budget.flops:
         raise BudgetError(
@@ -207,13 +192,11 @@ def compile(
         plan = solver_impl.solve(problem, effective, rng)
         timings["solve_s"] = time.perf_counter() - t2
         prepared = prepare(graph, plan)
-        finetune_report = None
-        trained = None
-        if train_loader is not None and spec.finetune.epochs > 0:
-            say("fine-tuning")
-            t3 = time.perf_counter()
-            trained, finetune_report = _finetune(prepared, graph.module, train_loader, spec, evaluate, loss_fn, progress)
-            timings["finetune_s"] = time.perf_counter() - t3
+        t3 = time.perf_counter()
+        trained, recovery = recover(graph, prepared, train_loader, spec.finetune, device=spec.device, seed=spec.seed,
+                                    loss_fn=loss_fn, evaluate=evaluate, calibration=calibration_loader,
+                                    progress=progress, say=say)
+        timings["recovery_s"] = time.perf_counter() - t3
         compact = finalize(prepared, trained)
         measured = len(encode_weights(compact.records))
         if budget.bytes is None or measured <= budget.bytes:
@@ -233,9 +216,7 @@ def compile(
         compressed={"params": after.params, "macs": after.macs, "flops": after.flops, "accuracy": accuracy_after},
         objective=_objective(problem, plan),
         attempts=attempt + 1,
-        finetune=None if finetune_report is None else {
-            "losses": list(finetune_report.losses), "accuracies": finetune_report.accuracies and list(finetune_report.accuracies),
-            "best_epoch": finetune_report.best_epoch},
+        recovery=recovery.to_dict(),
         timings={k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()},
     )
     if spec.max_accuracy_drop is not None and accuracy_before is not None and accuracy_after is not None:

@@ -69,7 +69,7 @@ class FinetuneConfig(Finetune):
     ``distill_weight`` weighs the soft (teacher) term, the hard loss gets ``1 - distill_weight``:
     0 is plain fine-tuning, 1 pure distillation. ``optimizer="sgd"`` is SGD with Nesterov momentum 0.9,
     ``"adam"`` AdamW. ``lr="auto"`` runs :func:`find_lr` first. ``batches_per_epoch`` caps the batches
-    drawn per epoch (needed for an endless ``train_loader``), ``grad_clip`` the gradient norm.
+    drawn per epoch (needed for an endless ``train_loader``), ``grad_clip`` the gradient norm (0: none).
     ``float_fraction`` is read by the staged recovery (``compressc.recovery``), not here.
 
     >>> FinetuneConfig(epochs=2, lr=0.01).optimizer
@@ -384,7 +384,7 @@ def find_lr(student: nn.Module, teacher: nn.Module, train_loader: Iterable, conf
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.grad_clip is not None:
+            if config.grad_clip:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             smooth = 0.7 * smooth + 0.3 * value
@@ -523,7 +523,7 @@ def _epoch(run: _Run, epoch: int, bar, task) -> tuple[float, int]:
             )
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip is not None:
+        if config.grad_clip:
             nn.utils.clip_grad_norm_(run.params, config.grad_clip)
         run.optimizer.step()
         run.step += 1

@@ -27,7 +27,12 @@ SPARSITY_KINDS = ("unstructured", "kernel")
 class LayerSettings:
     """How one weight tensor is stored: ``bits`` 1..8 (integer codes), 16 or 32 (float);
     ``scheme`` symmetric / asymmetric / codebook; ``sparsity`` the fraction of weights (or of whole
-    kernels, for ``sparsity_kind="kernel"``) removed by magnitude."""
+    kernels, for ``sparsity_kind="kernel"``) removed by magnitude. A 1-bit uniform scheme is stored as
+    a two-entry codebook: uniform 1-bit codes decode to {-s, 0} or {0, s}, never both signs.
+
+    >>> LayerSettings(bits=1).scheme, LayerSettings(bits=2).scheme
+    ('codebook', 'symmetric')
+    """
 
     bits: int = 32
     scheme: str = "symmetric"
@@ -35,6 +40,8 @@ class LayerSettings:
     sparsity_kind: str = "unstructured"
 
     def __post_init__(self) -> None:
+        if self.bits == 1 and self.scheme in ("symmetric", "asymmetric"):
+            object.__setattr__(self, "scheme", "codebook")
         if not 0.0 <= float(self.sparsity) < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         if self.sparsity_kind not in SPARSITY_KINDS:

@@ -24,7 +24,7 @@ from compressc.plan import Plan, weight_tensors
 from compressc.problem import Knob, Problem, TensorCost
 from compressc.spec import Spec
 
-__all__ = ["build_problem", "group_modules", "segment_aware_ranking"]
+__all__ = ["build_problem", "needs_sparsity", "group_modules", "segment_aware_ranking"]
 
 
 def group_modules(group: ChannelGroup) -> list[str]:
@@ -50,6 +50,9 @@ def _keep_options(group: ChannelGroup, spec: Spec, modules: list[str]) -> tuple[
     min_keep = max([r.min_channels for r in rules] + [len(group.segments), 1])
     multiple = max([r.round_to for r in rules] + [1])
     counts = {group.size}
+    smallest = int(np.ceil(min_keep / multiple) * multiple) if multiple > 1 else min_keep
+    if smallest < group.size:  # down to the smallest legal size, whatever the grid's last ratio
+        counts.add(smallest)
     for ratio in spec.actions.keep_ratio_choices:
         k = int(round(ratio * group.size))
         k = int(np.ceil(k / multiple) * multiple) if multiple > 1 else k
@@ -92,19 +95,8 @@ def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]
     return tuple(costs)
 
 
-def build_problem(
-    graph: Graph,
-    spec: Spec,
-    *,
-    evaluate: Callable[[torch.nn.Module], float] | None = None,
-    calibration_inputs: list[tuple] | None = None,
-    data: Any = None,
-    cache_dir=None,
-    progress: bool = False,
-) -> Problem:
-    """The compression problem of ``graph`` under ``spec`` (sensitivities measured, then cached)."""
-    from compressc.sensitivity import measure_sensitivity
-
+def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any) -> tuple[list[Knob], dict[int, tuple[int, ...]]]:
+    """The knobs (distortions still zero) and the unit rankings of their groups."""
     analysis = analyze_channels(graph)
     actions = spec.actions
     knobs: list[Knob] = []
@@ -118,7 +110,7 @@ def build_problem(
             if len(options) > 1:
                 ranking[group.id] = segment_aware_ranking(group, np.asarray(scores[group.id]))
                 knobs.append(Knob(f"keep:{group.id}", "keep", group.id, options, (0.0,) * len(options)))
-    kind = actions.sparsity[0] if actions.sparsity else "unstructured"
+    kind = sparsity[0] if sparsity else "unstructured"
     params = dict(graph.module.named_parameters())
     for name in weight_tensors(graph.module):
         rule = spec.rule_for(name.rpartition(".")[0])
@@ -128,22 +120,60 @@ def build_problem(
             bits = tuple(sorted(set(actions.bit_choices) | {32}, reverse=True))
         if len(bits) > 1 or bits[0] != 32:
             knobs.append(Knob(f"bits:{name}", "bits", name, bits, (0.0,) * len(bits)))
-        if actions.sparsity and (kind != "kernel" or params[name].dim() >= 3):
+        if sparsity and (kind != "kernel" or params[name].dim() >= 3):
             levels = (rule.sparsity,) if rule.sparsity is not None else tuple(sorted(set(actions.sparsity_level_choices) | {0.0}))
             if len(levels) > 1 or levels[0] != 0.0:
                 knobs.append(Knob(f"sparsity:{name}", "sparsity", name, levels, (0.0,) * len(levels)))
-    knobs = list(measure_sensitivity(
-        graph, knobs, ranking, scheme=actions.quant_scheme, sparsity_kind=kind, evaluate=evaluate,
-        calibration_inputs=calibration_inputs, cache_dir=cache_dir, progress=progress,
-    ))
+    return knobs, ranking
+
+
+def _problem(graph: Graph, spec: Spec, knobs: Sequence[Knob], ranking: dict[int, tuple[int, ...]], kind: str) -> Problem:
+    params = dict(graph.module.named_parameters())
     fixed = predict_bytes(graph, Plan()) - 4 * sum(params[n].numel() for n in weight_tensors(graph.module))
     return Problem(
         knobs=tuple(knobs),
         bytes_of=lambda plan: predict_bytes(graph, plan),
         flops_of=lambda plan: predict_cost(graph, plan.channels).flops,
         ranking=ranking,
-        scheme=actions.quant_scheme,
+        scheme=spec.actions.quant_scheme,
         sparsity_kind=kind,
         tensor_costs=_tensor_costs(graph, knobs),
         fixed_bytes=max(0, fixed),
     )
+
+
+def needs_sparsity(graph: Graph, spec: Spec, target_bytes: int | None, data: Any = None) -> bool:
+    """Whether ``actions.auto_sparsity`` turns unstructured sparsity on: the spec allows none, and the
+    most compressed plan of channels and bits alone is over ``target_bytes``."""
+    actions = spec.actions
+    if target_bytes is None or actions.sparsity or not actions.auto_sparsity:
+        return False
+    knobs, ranking = _knobs(graph, spec, (), data)
+    floor = _problem(graph, spec, knobs, ranking, "unstructured")
+    return floor.bytes(floor.most_compressed()) > target_bytes
+
+
+def build_problem(
+    graph: Graph,
+    spec: Spec,
+    *,
+    evaluate: Callable[[torch.nn.Module], float] | None = None,
+    calibration_inputs: list[tuple] | None = None,
+    data: Any = None,
+    cache_dir=None,
+    progress: bool = False,
+    sparsity: tuple[str, ...] | None = None,
+) -> Problem:
+    """The compression problem of ``graph`` under ``spec`` (sensitivities measured, then cached).
+    ``sparsity`` overrides ``spec.actions.sparsity`` (the driver passes ``("unstructured",)`` when
+    :func:`needs_sparsity` says the target needs it)."""
+    from compressc.sensitivity import measure_sensitivity
+
+    sparsity = spec.actions.sparsity if sparsity is None else sparsity
+    kind = sparsity[0] if sparsity else "unstructured"
+    knobs, ranking = _knobs(graph, spec, sparsity, data)
+    knobs = list(measure_sensitivity(
+        graph, knobs, ranking, scheme=spec.actions.quant_scheme, sparsity_kind=kind, evaluate=evaluate,
+        calibration_inputs=calibration_inputs, cache_dir=cache_dir, progress=progress,
+    ))
+    return _problem(graph, spec, knobs, ranking, kind)

@@ -222,6 +222,10 @@ def _validate(obj: Any, prefix: Key) -> None:
 class Actions:
     """What the compiler may do (the ``[actions]`` table). Each grid always implicitly holds its
     identity (keep ratio 1.0, sparsity 0.0, 32 bits), so keeping a layer as it is stays possible.
+    Every prunable group may also go down to its smallest legal size (one channel per split part, or
+    a rule's ``min_channels``). 1-bit layers are stored as a two-entry codebook (uniform 1-bit codes
+    cannot hold both signs). ``auto_sparsity``: when ``sparsity`` is empty and the byte target is below
+    what channels and bits alone can reach, unstructured sparsity is turned on instead of refusing.
 
     >>> Actions(bits=(8, 4)).bit_choices, Actions(keep_ratios=(0.5,)).keep_ratio_choices
     ((4, 8, 32), (1.0, 0.5))
@@ -231,9 +235,11 @@ class Actions:
     remove_layers: bool = False
     sparsity: tuple[str, ...] = ()
     sparsity_levels: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
-    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
     quant_scheme: Literal["symmetric", "asymmetric", "codebook"] = "symmetric"
-    keep_ratios: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
+    keep_ratios: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375, 0.0625,
+                                      0.046875, 0.03125, 0.015625)
+    auto_sparsity: bool = True
 
     _optional: ClassVar[frozenset[str]] = frozenset()
     _checks: ClassVar[dict[str, Callable[[Any, Key], Any]]] = {
@@ -244,6 +250,7 @@ class Actions:
         "bits": _array(_bits),
         "quant_scheme": lambda v, k: _choice(v, k, QUANT_SCHEMES, "a quantization scheme"),
         "keep_ratios": _array(lambda v, k: _float(v, k, 0, 1, lo_open=True)),
+        "auto_sparsity": _bool,
     }
 
     def __post_init__(self) -> None:
@@ -291,7 +298,8 @@ class Finetune:
     quantization-aware (``"auto"``: the measured rule of docs/finetune.md). ``lr="auto"`` runs a short
     learning-rate range test instead of the fixed rate; the schedule warms up linearly over ``warmup`` of the steps, then decays
     (``"cosine"``) or stays (``"constant"``). ``patience`` stops a stage after that many epochs without
-    a better ``evaluate`` score (``None``: never); the best weights are kept either way.
+    a better ``evaluate`` score (``None``: never); the best weights are kept either way. ``grad_clip``
+    bounds the gradient norm (0: no clipping).
 
     >>> Finetune(epochs=3).distill_weight, Finetune(epochs=3).lr
     (0.7, 0.001)
@@ -306,12 +314,12 @@ class Finetune:
     temperature: float = 4.0
     distill_weight: float = 0.7
     soft_loss: Literal["auto", "kl", "mse"] = "auto"
-    grad_clip: float | None = 5.0
+    grad_clip: float = 5.0
     batches_per_epoch: int | None = None
     float_fraction: float | str = "auto"
     patience: int | None = None
 
-    _optional: ClassVar[frozenset[str]] = frozenset({"batches_per_epoch", "grad_clip", "patience"})
+    _optional: ClassVar[frozenset[str]] = frozenset({"batches_per_epoch", "patience"})
     _checks: ClassVar[dict[str, Callable[[Any, Key], Any]]] = {
         "epochs": lambda v, k: _int(v, k, lo=0),
         "lr": _lr,
@@ -322,7 +330,7 @@ class Finetune:
         "temperature": lambda v, k: _float(v, k, 0, math.inf, lo_open=True, hi_open=True),
         "distill_weight": lambda v, k: _float(v, k, 0, 1),
         "soft_loss": lambda v, k: _choice(v, k, ("auto", "kl", "mse"), "a soft loss"),
-        "grad_clip": lambda v, k: _float(v, k, 0, math.inf, lo_open=True, hi_open=True),
+        "grad_clip": lambda v, k: _float(v, k, 0, math.inf, hi_open=True),
         "batches_per_epoch": lambda v, k: _int(v, k, lo=1),
         "float_fraction": _fraction_or_auto,
         "patience": lambda v, k: _int(v, k, lo=1),

@@ -87,7 +87,8 @@ def test_finetuning_with_distillation_reports_accuracy(tmp_path):
     res = _run(model, "--target-size", "25%", "--finetune-epochs", "2", "--json", "-o", tmp_path / "o")
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert len(report["finetune"]["losses"]) == 2
+    stages = report["recovery"]["stages"]
+    assert sum(len(s["losses"]) for s in stages) == 2 and stages[-1]["name"] == "quantization-aware"
     assert report["original"]["accuracy"] is not None and report["compressed"]["accuracy"] is not None
 
 

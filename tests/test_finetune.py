@@ -365,7 +365,7 @@ def test_a_non_finite_loss_names_the_epoch_and_batch_and_suggests_a_lower_lr():
     (dict(epochs=1, distill_weight=1.5), "finetune.distill_weight: 1.5 is out of range; allowed: [0, 1]"),
     (dict(epochs=1, optimizer="rmsprop"), 'finetune.optimizer: "rmsprop" is not an optimizer; allowed: "sgd", "adam"'),
     (dict(epochs=1, batches_per_epoch=0), "finetune.batches_per_epoch"),
-    (dict(epochs=1, grad_clip=0.0), "finetune.grad_clip"),
+    (dict(epochs=1, grad_clip=-1.0), "finetune.grad_clip"),
     (dict(epochs=1, soft_loss="l1"), "finetune.soft_loss"),
     (dict(epochs=1, warmup=0.9), "finetune.warmup: 0.9 is out of range"),
     (dict(epochs=1, schedule="step"), "finetune.schedule"),

@@ -56,9 +56,11 @@ def test_defaults():
     assert (spec.seed, spec.device, spec.solver, spec.importance, spec.solver_options) == (0, "cpu", "convex", "l1", {})
     a = spec.actions
     assert (a.prune_channels, a.remove_layers, a.sparsity, a.quant_scheme) == (True, False, (), "symmetric")
-    assert a.bits == (2, 3, 4, 5, 6, 8) and a.sparsity_levels == (0.0, 0.25, 0.5, 0.75, 0.9)
-    assert a.keep_ratios == (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
-    assert dataclasses.astuple(spec.finetune) == (0, 1e-3, 4.0, 0.7, None)
+    assert a.bits == (1, 2, 3, 4, 5, 6, 8) and a.sparsity_levels == (0.0, 0.25, 0.5, 0.75, 0.9)
+    assert a.keep_ratios[:8] == (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875)
+    assert min(a.keep_ratios) == 0.015625 and a.auto_sparsity
+    assert dataclasses.astuple(spec.finetune) == (0, 1e-3, "adam", 0.0, "cosine", 0.05, 4.0, 0.7, "auto", 5.0, None,
+                                                  "auto", None)
     assert spec.rules == () and Spec.from_dict({}) == spec
     assert hash(spec) == hash(Spec())  # frozen and hashable, solver_options aside
 
@@ -282,10 +284,16 @@ def specs(draw):
         sparsity_levels=tuple(draw(st.lists(_unit_float, unique=True, max_size=5))),
         bits=tuple(draw(st.lists(st.sampled_from(ALLOWED_BITS), unique=True))),
         quant_scheme=draw(st.sampled_from(["symmetric", "asymmetric", "codebook"])),
-        keep_ratios=tuple(draw(st.lists(st.floats(0, 1, exclude_min=True), unique=True, max_size=5))))
+        keep_ratios=tuple(draw(st.lists(st.floats(0, 1, exclude_min=True), unique=True, max_size=5))),
+        auto_sparsity=draw(st.booleans()))
     finetune = Finetune(
-        epochs=draw(st.integers(0, 100)), lr=draw(st.floats(1e-6, 10)), temperature=draw(st.floats(0.1, 20)),
-        distill_weight=draw(st.floats(0, 1)), batches_per_epoch=draw(st.none() | st.integers(1, 1000)))
+        epochs=draw(st.integers(0, 100)), lr=draw(st.just("auto") | st.floats(1e-6, 10)),
+        temperature=draw(st.floats(0.1, 20)), distill_weight=draw(st.floats(0, 1)),
+        batches_per_epoch=draw(st.none() | st.integers(1, 1000)), optimizer=draw(st.sampled_from(["sgd", "adam"])),
+        weight_decay=draw(st.floats(0, 1)), schedule=draw(st.sampled_from(["cosine", "constant"])),
+        warmup=draw(st.floats(0, 0.5)), soft_loss=draw(st.sampled_from(["auto", "kl", "mse"])),
+        grad_clip=draw(st.floats(0, 10)), float_fraction=draw(st.just("auto") | st.floats(0, 1)),
+        patience=draw(st.none() | st.integers(1, 10)))
     patterns = draw(st.lists(st.text(st.sampled_from("ab.*?_0[]!"), min_size=1, max_size=6), unique=True,
                              max_size=4))
     rules = tuple(LayerRule(
