@@ -170,6 +170,15 @@ def _folded_weights(module: fx.GraphModule) -> dict[str, str]:
     return {f"{layer.target}.weight": str(bn.target) for layer, bn in foldable_batchnorms(module)}
 
 
+def _as_prepared(prepared: Prepared, student: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``prepared.module`` holding the folded weights of ``student``: the same tensors in the
+    same order (removing a parametrization re-registers its weight after the bias, and the weights
+    file's headers follow the order)."""
+    out = copy.deepcopy(prepared.module)
+    out.load_state_dict(fold_batchnorm(student).state_dict())
+    return out.eval()
+
+
 def recover(
     graph: Graph,
     prepared: Prepared,
@@ -200,7 +209,7 @@ def recover(
     recalibrated = 0
     if train_loader is None or recipe.epochs == 0:
         recalibrated = recalibrate_batchnorm(student, calibration if calibration is not None else (train_loader or ()))
-        return fold_batchnorm(student), RecoveryReport((), recalibrated)
+        return _as_prepared(prepared, student), RecoveryReport((), recalibrated)
     n_float = float_epochs(recipe, prepared)
     config = FinetuneConfig.of(recipe, device=device, seed=seed)
     if n_float:
@@ -220,4 +229,4 @@ def recover(
                           loss_fn=loss_fn, evaluate=evaluate, progress=progress)
         stages.append(StageReport("quantization-aware", n_qat, report))
         student = _strip(student)
-    return fold_batchnorm(student.eval()), RecoveryReport(tuple(stages), recalibrated)
+    return _as_prepared(prepared, student), RecoveryReport(tuple(stages), recalibrated)
