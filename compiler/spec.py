@@ -302,11 +302,11 @@ class Finetune:
     bounds the gradient norm (0: no clipping).
 
     >>> Finetune(epochs=3).distill_weight, Finetune(epochs=3).lr
-    (0.7, 0.001)
+    (0.7, 0.003)
     """
 
     epochs: int = 0
-    lr: float | str = 1e-3
+    lr: float | str = 3e-3
     optimizer: Literal["sgd", "adam"] = "adam"
     weight_decay: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
