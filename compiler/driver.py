@@ -29,6 +29,7 @@ from compressc.frontends.fx import trace
 from compressc.ir import Graph
 from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, prepare
 from compressc.plan import Plan
+from compressc.plan_selection import candidate_count, candidate_plans, select_plan
 from compressc.recovery import recover
 from compressc.problem import Budget, Problem
 from compressc.solvers.base import get_solver
@@ -186,11 +187,24 @@ def compile(
                           hint="use a solver with the 'flops' capability (uniform, greedy, convex), or drop target_flops")
     rng = np.random.default_rng(spec.seed)
     effective = budget
+    ratio = totals.weight_bytes / budget.bytes if budget.bytes else None
+    compare = candidate_count(spec.finetune, ratio) if (
+        evaluate is not None and train_loader is not None and spec.finetune.epochs > 0) else 1
     for attempt in range(5):
         t2 = time.perf_counter()
         say(f"solving with {spec.solver}")
-        plan = solver_impl.solve(problem, effective, rng)
-        timings["solve_s"] = time.perf_counter() - t2
+        if compare > 1:
+            candidates = candidate_plans(problem, effective, lambda p: solver_impl.solve(
+                p, effective, np.random.default_rng(spec.seed)), compare)
+            timings["solve_s"] = time.perf_counter() - t2
+            say(f"comparing {len(candidates)} candidate plans by a short recovery")
+            plan, report["candidates"] = select_plan(
+                graph, candidates, train_loader, spec.finetune, evaluate, device=spec.device, seed=spec.seed,
+                loss_fn=loss_fn, calibration=calibration_loader, say=say)
+            timings["candidates_s"] = time.perf_counter() - t2 - timings["solve_s"]
+        else:
+            plan = solver_impl.solve(problem, effective, rng)
+            timings["solve_s"] = time.perf_counter() - t2
         prepared = prepare(graph, plan)
         t3 = time.perf_counter()
         trained, recovery = recover(graph, prepared, train_loader, spec.finetune, device=spec.device, seed=spec.seed,

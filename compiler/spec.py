@@ -299,7 +299,9 @@ class Finetune:
     learning-rate range test instead of the fixed rate; the schedule warms up linearly over ``warmup`` of the steps, then decays
     (``"cosine"``) or stays (``"constant"``). ``patience`` stops a stage after that many epochs without
     a better ``evaluate`` score (``None``: never); the best weights are kept either way. ``grad_clip``
-    bounds the gradient norm (0: no clipping).
+    bounds the gradient norm (0: no clipping). ``candidates`` plans (one per bit floor; ``"auto"``: 4
+    at ratios of 100x and more, else 1) are compared after ``probe_epochs`` of recovery each, and the
+    best is recovered in full (``compressc.plan_selection``).
 
     >>> Finetune(epochs=3).distill_weight, Finetune(epochs=3).lr
     (0.7, 0.003)
@@ -318,6 +320,8 @@ class Finetune:
     batches_per_epoch: int | None = None
     float_fraction: float | str = "auto"
     patience: int | None = None
+    candidates: int | str = "auto"
+    probe_epochs: int = 2
 
     _optional: ClassVar[frozenset[str]] = frozenset({"batches_per_epoch", "patience"})
     _checks: ClassVar[dict[str, Callable[[Any, Key], Any]]] = {
@@ -334,6 +338,8 @@ class Finetune:
         "batches_per_epoch": lambda v, k: _int(v, k, lo=1),
         "float_fraction": _fraction_or_auto,
         "patience": lambda v, k: _int(v, k, lo=1),
+        "candidates": lambda v, k: v if v == "auto" else _int(v, k, lo=1),
+        "probe_epochs": lambda v, k: _int(v, k, lo=1),
     }
 
     def __post_init__(self) -> None:

@@ -167,3 +167,17 @@ def test_a_flops_target_needs_a_solver_that_honours_it(monkeypatch):
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).eval()
     with pytest.raises(BudgetError, match="does not honour FLOPs budgets"):
         compressc.compile(net, (torch.randn(1, 8),), target_flops="50%", solver="uniform", progress=False)
+
+
+def test_extreme_targets_compare_candidate_plans_and_stay_within_budget(tmp_path):
+    spec_file = tmp_path / "compress.toml"
+    spec_file.write_text("[finetune]\ncandidates = 3\nprobe_epochs = 1\n")
+    model = _write(tmp_path, TRAINABLE)
+    res = _run(model, "--target-size", "5%", "--finetune-epochs", "2", "--spec", spec_file, "--json",
+               "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert 1 <= len(report["candidates"]) <= 3 and report["candidates"][0]["candidate"] == "solver"
+    best = max(c["score"] for c in report["candidates"])
+    assert report["weights_bytes"] <= report["target_bytes"]
+    assert report["compressed"]["accuracy"] is not None and best is not None

@@ -60,7 +60,7 @@ def test_defaults():
     assert a.keep_ratios[:8] == (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875)
     assert min(a.keep_ratios) == 0.015625 and a.auto_sparsity
     assert dataclasses.astuple(spec.finetune) == (0, 3e-3, "adam", 0.0, "cosine", 0.05, 4.0, 0.7, "auto", 5.0, None,
-                                                  "auto", None)
+                                                  "auto", None, "auto", 2)
     assert spec.rules == () and Spec.from_dict({}) == spec
     assert hash(spec) == hash(Spec())  # frozen and hashable, solver_options aside
 
@@ -293,7 +293,8 @@ def specs(draw):
         weight_decay=draw(st.floats(0, 1)), schedule=draw(st.sampled_from(["cosine", "constant"])),
         warmup=draw(st.floats(0, 0.5)), soft_loss=draw(st.sampled_from(["auto", "kl", "mse"])),
         grad_clip=draw(st.floats(0, 10)), float_fraction=draw(st.just("auto") | st.floats(0, 1)),
-        patience=draw(st.none() | st.integers(1, 10)))
+        patience=draw(st.none() | st.integers(1, 10)), candidates=draw(st.just("auto") | st.integers(1, 5)),
+        probe_epochs=draw(st.integers(1, 5)))
     patterns = draw(st.lists(st.text(st.sampled_from("ab.*?_0[]!"), min_size=1, max_size=6), unique=True,
                              max_size=4))
     rules = tuple(LayerRule(

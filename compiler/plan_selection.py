@@ -1,0 +1,111 @@
+"""Choosing between plans by measured recovered accuracy, where the additive quality model misleads.
+
+Sensitivities are measured one knob at a time. At extreme ratios every layer is compressed hard at
+once and those single-knob damages add up badly; in particular they cannot say whether "more channels
+at 2 bits" recovers better than "fewer channels at 4 bits". So, when the target is extreme, the
+driver asks the solver for one plan per *bit floor* (the same problem with the bit-widths below the
+floor taken away, when it can still meet the budget), gives each a short recovery
+(``probe_epochs`` of the staged recovery), scores it with the model file's ``evaluate``, and keeps
+the best for the full recovery. Every candidate meets the budget: the solver guarantees it.
+
+>>> from compressc.problem import Problem
+>>> p = Problem.from_table(options=[(32, 4, 2, 1)], distortion=[(0, .1, .3, .9)], bytes_table=[(400, 50, 25, 13)])
+>>> [k.options for k in with_bit_floor(p, 2).knobs], with_bit_floor(p, 8) is None
+([(32, 4, 2)], True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import torch.nn as nn
+
+from compressc.evaluation import checked_score
+from compressc.ir import Graph
+from compressc.passes.lowering.compact import finalize, prepare
+from compressc.plan import Plan
+from compressc.problem import Budget, Knob, Problem
+from compressc.recovery import recover
+from compressc.spec import Finetune
+
+__all__ = ["BIT_FLOORS", "EXTREME_RATIO", "with_bit_floor", "candidate_plans", "select_plan", "candidate_count"]
+
+#: The bit floors tried, besides the unrestricted problem.
+BIT_FLOORS = (2, 3, 4)
+#: ``candidates = "auto"`` compares plans from this compression ratio (fp32 bytes / target) up.
+EXTREME_RATIO = 100.0
+
+
+def candidate_count(recipe: Finetune, ratio: float | None) -> int:
+    """How many plans to compare: ``recipe.candidates``, or for ``"auto"`` all floors at extreme
+    ratios (``>= EXTREME_RATIO``) and only the solver's plan otherwise.
+
+    >>> candidate_count(Finetune(epochs=10), 700.0), candidate_count(Finetune(epochs=10), 8.0)
+    (4, 1)
+    """
+    if recipe.candidates != "auto":
+        return int(recipe.candidates)
+    return 1 + len(BIT_FLOORS) if ratio is not None and ratio >= EXTREME_RATIO else 1
+
+
+def with_bit_floor(problem: Problem, floor: int) -> Problem | None:
+    """``problem`` without the bit-width options below ``floor`` (32 stays), or None when a bits knob
+    would have no option left below 32 bits while it had some (the floor is out of this problem's reach)."""
+    knobs: list[Knob] = []
+    for knob in problem.knobs:
+        if knob.kind != "bits":
+            knobs.append(knob)
+            continue
+        keep = [i for i, bits in enumerate(knob.options) if bits >= floor]
+        if len(keep) == 1 and len(knob.options) > 1:
+            return None
+        knobs.append(dataclasses.replace(knob, options=tuple(knob.options[i] for i in keep),
+                                         distortion=tuple(knob.distortion[i] for i in keep)))
+    return dataclasses.replace(problem, knobs=tuple(knobs))
+
+
+def candidate_plans(problem: Problem, budget: Budget, solve: Callable[[Problem], Plan], count: int) -> list[tuple[str, Plan]]:
+    """``(label, plan)``: the solver's plan on ``problem``, then on each bit floor that can still meet
+    ``budget``, up to ``count`` distinct plans."""
+    plans = [("solver", solve(problem))]
+    for floor in BIT_FLOORS:
+        if len(plans) >= count:
+            break
+        sub = with_bit_floor(problem, floor)
+        if sub is None or not sub.feasible(sub.most_compressed(), budget):
+            continue
+        plan = solve(sub)
+        if all(plan != p for _, p in plans):
+            plans.append((f">= {floor} bits", plan))
+    return plans
+
+
+def select_plan(
+    graph: Graph,
+    candidates: list[tuple[str, Plan]],
+    train_loader: Iterable,
+    recipe: Finetune,
+    evaluate: Callable[[nn.Module], Any],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    loss_fn: Callable | None = None,
+    calibration: Iterable | None = None,
+    say: Callable[[str], None] = lambda msg: None,
+) -> tuple[Plan, list[dict[str, Any]]]:
+    """The candidate whose artifact scores best after ``recipe.probe_epochs`` of recovery, and every
+    candidate's score (for the report). Ties keep the earlier candidate (the solver's own plan first)."""
+    probe = dataclasses.replace(recipe, epochs=recipe.probe_epochs, patience=None)
+    scores: list[dict[str, Any]] = []
+    for label, plan in candidates:
+        prepared = prepare(graph, plan)
+        module, _ = recover(graph, prepared, train_loader, probe, device=device, seed=seed, loss_fn=loss_fn,
+                            calibration=calibration, progress=False)
+        score = checked_score(evaluate(finalize(prepared, module).module), f"on candidate plan {label!r}")
+        say(f"candidate {label}: {score:.4f} after {probe.epochs} probe epoch(s)")
+        scores.append({"candidate": label, "score": score,
+                       "bits": sorted({s.bits for s in plan.layers.values()}),
+                       "channels_kept": sum(len(k) for k in plan.channels.values())})
+    best = max(range(len(candidates)), key=lambda i: (scores[i]["score"], -i))
+    return candidates[best][1], scores
