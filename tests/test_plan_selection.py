@@ -10,7 +10,7 @@ from compressc.plan_selection import candidate_plans, select_plan, with_bit_floo
 from compressc.problem import Budget, Problem
 from compressc.solvers.base import get_solver
 from compressc.spec import Finetune
-from tests.test_recovery import PLAN, X, _data, _net
+from tests.test_recovery import PLAN, X, _data, _net, distance_score
 
 
 def _problem():
@@ -36,14 +36,7 @@ def test_each_candidate_meets_the_budget_and_respects_its_floor():
 def test_select_plan_keeps_the_best_recovered_candidate():
     net = _net()
     data = _data(4)
-    x = torch.cat([b[0] for b in data])
-    with torch.no_grad():
-        teacher = net(x)
-
-    def evaluate(m):
-        with torch.no_grad():
-            return -float((m(x) - teacher).square().mean())
-
+    evaluate = distance_score(net, torch.cat([b[0] for b in data]))
     g = compressc.trace(net, (X,))
     gentle = Plan(layers={name: LayerSettings(bits=8) for name in PLAN.layers})
     plan, scores = select_plan(g, [("harsh", PLAN), ("gentle", gentle)], data, Finetune(epochs=10, probe_epochs=1),

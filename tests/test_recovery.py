@@ -39,6 +39,18 @@ def _data(n=4, seed=0):
     return [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
 
 
+def distance_score(net, x):
+    """An ``evaluate`` for random networks: minus the mean squared distance to ``net``'s outputs on ``x``."""
+    with torch.no_grad():
+        teacher = net(x)
+
+    def evaluate(m):
+        with torch.no_grad():
+            return -float((m(x) - teacher).square().mean())
+
+    return evaluate
+
+
 X = torch.randn(2, 1, 8, 8)
 PLAN = Plan(channels={0: (0, 2, 3, 5), 1: (1, 2, 6)},
             layers={"0.weight": LayerSettings(bits=3), "3.weight": LayerSettings(bits=2, sparsity=0.5),
@@ -68,14 +80,7 @@ def test_original_model_is_untouched_by_recovery():
 def test_recovery_improves_a_damaged_plan_and_keeps_the_best_score():
     net = _net()
     data = _data(8)
-    x = torch.cat([b[0] for b in data])
-    with torch.no_grad():
-        teacher = net(x)
-
-    def evaluate(m):  # higher is better: minus the distance to the teacher's logits
-        with torch.no_grad():
-            return -float((m(x) - teacher).square().mean())
-
+    evaluate = distance_score(net, torch.cat([b[0] for b in data]))
     g = compressc.trace(net, (X,))
     prepared = prepare(g, PLAN)
     start = evaluate(finalize(prepared, recover(g, prepared, data, Finetune(epochs=0))[0]).module)
