@@ -277,15 +277,24 @@ class CompressResult:
     timings: dict | None = None
 
 
+#: Recovery variants: the ``[finetune]`` settings laid over compressc's defaults.
+VARIANTS = {
+    "staged": {},  # the default: float stage, quantization-aware stage, plan selection at >= 100x
+    "qat-only": {"float_fraction": 0.0, "candidates": 1},  # fake-quant from the first step, BatchNorm live
+    "no-selection": {"candidates": 1},  # staged, the solver's plan only
+}
+
+
 def run_compressc(subject: Subject, model: nn.Module, inputs, budget: int, epochs: int, seed: int,
-                  batches: int | None = None, cache_dir=None) -> CompressResult:
+                  batches: int | None = None, cache_dir=None, variant: str = "staged") -> CompressResult:
     mod = subject.mod
     t0 = time.perf_counter()
+    spec = compressc.Spec.from_dict({"finetune": VARIANTS[variant]})
     try:
         result = compressc.compile(
             model, inputs, target_size=budget, evaluate=subject.evaluate, train_loader=fresh_loader(mod, seed, batches),
             calibration_loader=getattr(mod, "calibration_loader", None), finetune_epochs=epochs, seed=seed,
-            cache_dir=cache_dir, progress=False,
+            cache_dir=cache_dir, progress=False, spec=spec,
         )
     except BudgetError as e:
         return CompressResult(seconds=time.perf_counter() - t0, note="refused: " + str(e).splitlines()[0])
@@ -293,15 +302,16 @@ def run_compressc(subject: Subject, model: nn.Module, inputs, budget: int, epoch
     nbytes = result.report["weights_bytes"]
     assert nbytes <= budget, f"compressc {nbytes} bytes > budget {budget}"
     return CompressResult(nbytes, subject.test_accuracy(result.module), result.report["compressed"]["accuracy"], secs,
-                          plan_summary=result.report.get("plan_summary"), finetune=result.report.get("finetune"),
+                          plan_summary=result.report.get("plan_summary"), finetune=result.report.get("recovery"),
                           timings=result.report.get("timings"))
 
 
 # -- the table -----------------------------------------------------------------------------------------
 def run(chosen: list[Subject], epochs: int = 10, seed: int = 0, batches: int | None = None, cache_dir=None,
-        log=print) -> dict[str, Any]:
-    """Every target of every subject: baseline, then compressc; the results as JSON-ready dicts."""
-    out: dict[str, Any] = {"epochs": epochs, "seed": seed, "batches_per_epoch": batches, "models": []}
+        log=print, variants: tuple[str, ...] = ("staged",)) -> dict[str, Any]:
+    """Every target of every subject: baseline, then compressc per recovery variant; JSON-ready dicts."""
+    out: dict[str, Any] = {"epochs": epochs, "seed": seed, "batches_per_epoch": batches, "models": [],
+                           "variants": list(variants)}
     for subject in chosen:
         model = subject.mod.build_model().eval()
         inputs = example_inputs(subject.mod)
@@ -315,11 +325,13 @@ def run(chosen: list[Subject], epochs: int = 10, seed: int = 0, batches: int | N
             budget = target_bytes(target, ref)
             base = run_baseline(subject, model, inputs, budget, epochs, seed, batches)
             log(f"  {target} ({budget:,} B) baseline: {asdict(base)}")
-            comp = run_compressc(subject, model, inputs, budget, epochs, seed, batches, cache_dir)
-            log(f"  {target} ({budget:,} B) compressc: bytes {comp.bytes}, test {comp.acc}, val {comp.val_acc}, "
-                f"{comp.seconds:.1f} s {comp.note}")
-            entry["rows"].append({"target": target, "budget": budget, "ratio": ref / budget,
-                                  "baseline": asdict(base), "compressc": asdict(comp)})
+            row = {"target": target, "budget": budget, "ratio": ref / budget, "baseline": asdict(base)}
+            for variant in variants:
+                comp = run_compressc(subject, model, inputs, budget, epochs, seed, batches, cache_dir, variant)
+                log(f"  {target} ({budget:,} B) compressc {variant}: bytes {comp.bytes}, test {comp.acc}, "
+                    f"val {comp.val_acc}, {comp.seconds:.1f} s {comp.note}")
+                row["compressc" if variant == variants[0] else f"compressc {variant}"] = asdict(comp)
+            entry["rows"].append(row)
     return out
 
 
@@ -338,8 +350,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"**{e['title']}**: {e['params']:,} params, {e['fp32_weight_bytes']:,} fp32 weight bytes, "
                       f"uncompressed test accuracy {_pct(e['test_accuracy'])}", "",
                   "| target | ratio | baseline keep | baseline bytes | baseline float | baseline 4-bit | baseline s "
-                  "| compressc bytes | compressc | compressc s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| compressc bytes | compressc | compressc s |"
+                  + "".join(f" {v} | {v} s |" for v in results.get("variants", ["staged"])[1:]),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                  + "---:|---:|" * (len(results.get("variants", ["staged"])) - 1)]
         for r in e["rows"]:
             b, c = r["baseline"], r["compressc"]
             keep = "-" if b["keep"] is None else f"{b['keep']:.3f}"
@@ -347,7 +361,10 @@ def markdown(results: dict[str, Any]) -> str:
                           if not b["note"] else f"{b['note']} | - | - | - | {b['seconds']:.0f}")
             comp_cells = (f"{_num(c['bytes'])} | {_pct(c['acc'])} | {c['seconds']:.0f}" if not c["note"]
                           else f"- | {c['note']} | {c['seconds']:.0f}")
-            lines.append(f"| {r['target']} ({r['budget']:,} B) | {r['ratio']:.0f}x | {base_cells} | {comp_cells} |")
+            extra = "".join(
+                f" {_pct(r[f'compressc {v}']['acc']) if not r[f'compressc {v}']['note'] else r[f'compressc {v}']['note']}"
+                f" | {r[f'compressc {v}']['seconds']:.0f} |" for v in results.get("variants", ["staged"])[1:])
+            lines.append(f"| {r['target']} ({r['budget']:,} B) | {r['ratio']:.0f}x | {base_cells} | {comp_cells} |{extra}")
     return "\n".join(lines)
 
 
@@ -360,14 +377,20 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=None, help="batches per epoch (default: all); for smoke tests")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--variants", default="staged",
+                        help=f"comma-separated recovery variants, the first is the main column: {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
     t0 = time.perf_counter()
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     results = run(subjects(args.only, targets), args.epochs, args.seed, args.batches,
-                  log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                  log=lambda msg: print(msg, file=sys.stderr, flush=True), variants=variants)
     results["total_s"] = time.perf_counter() - t0
     print(markdown(results))
     print(f"\ntotal {results['total_s']:.0f} s")

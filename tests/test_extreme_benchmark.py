@@ -50,7 +50,8 @@ def test_extreme_benchmark_smoke(extreme, tmp_path):
             model.train(was)
 
     subject.evaluate = subject.test_accuracy = small_accuracy
-    results = extreme.run([subject], epochs=1, seed=0, batches=2, cache_dir=tmp_path / "cache", log=lambda msg: None)
+    results = extreme.run([subject], epochs=1, seed=0, batches=2, cache_dir=tmp_path / "cache", log=lambda msg: None,
+                          variants=("staged", "qat-only"))
     (entry,) = results["models"]
     (row,) = entry["rows"]
     assert row["budget"] == 20_000 and row["ratio"] == pytest.approx(entry["fp32_weight_bytes"] / 20_000)
@@ -60,7 +61,8 @@ def test_extreme_benchmark_smoke(extreme, tmp_path):
     # compressc either meets the budget or says why it refused
     assert (0 < comp["bytes"] <= 20_000 and 0 <= comp["acc"] <= 1) if not comp["note"] else comp["note"].startswith("refused: ")
     table = extreme.markdown(results)
-    assert "| 20KB (20,000 B) |" in table and "baseline 4-bit" in table
+    assert "| 20KB (20,000 B) |" in table and "baseline 4-bit" in table and " qat-only |" in table
+    assert row["compressc qat-only"]["bytes"] is None or row["compressc qat-only"]["bytes"] <= 20_000
     (tmp_path / "out.json").write_text(json.dumps(results, default=str))  # JSON-serialisable, as --json writes it
 
 
