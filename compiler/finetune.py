@@ -331,7 +331,7 @@ def lr_factor(progress: float, warmup: float, schedule: str) -> float:
     peak: linear warm-up over the first ``warmup`` of the steps, then cosine decay to 0 (or constant).
 
     >>> [round(lr_factor(p, 0.1, "cosine"), 3) for p in (0.0, 0.05, 0.1, 0.55, 1.0)]
-    [0.1, 0.55, 1.0, 0.5, 0.0]
+    [0.1, 0.5, 1.0, 0.5, 0.0]
     >>> lr_factor(0.5, 0.0, "constant")
     1.0
     """

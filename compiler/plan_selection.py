@@ -4,7 +4,9 @@ Sensitivities are measured one knob at a time. At extreme ratios every layer is 
 once and those single-knob damages add up badly; in particular they cannot say whether "more channels
 at 2 bits" recovers better than "fewer channels at 4 bits". So, when the target is extreme, the
 driver asks the solver for one plan per *bit floor* (the same problem with the bit-widths below the
-floor taken away, when it can still meet the budget), gives each a short recovery
+floor taken away, when it can still meet the budget), adds *uniform* plans (every layer at one
+bit-width, the same keep ratio everywhere, bisected to the budget: the shape of the plain
+prune-then-quantize baseline, which no single-knob curve can rank), gives each a short recovery
 (``probe_epochs`` of the staged recovery), scores it with the model file's ``evaluate``, and keeps
 the best for the full recovery. Every candidate meets the budget: the solver guarantees it.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch.nn as nn
 
 from compressc.evaluation import checked_score
@@ -29,10 +32,13 @@ from compressc.problem import Budget, Knob, Problem
 from compressc.recovery import recover
 from compressc.spec import Finetune
 
-__all__ = ["BIT_FLOORS", "EXTREME_RATIO", "with_bit_floor", "candidate_plans", "select_plan", "candidate_count"]
+__all__ = ["BIT_FLOORS", "UNIFORM_BITS", "EXTREME_RATIO", "with_bit_floor", "with_fixed_bits", "candidate_plans",
+           "select_plan", "candidate_count"]
 
 #: The bit floors tried, besides the unrestricted problem.
-BIT_FLOORS = (2, 3, 4)
+BIT_FLOORS = (3, 4)
+#: The bit-widths of the uniform candidates.
+UNIFORM_BITS = (2, 4)
 #: ``candidates = "auto"`` compares plans from this compression ratio (fp32 bytes / target) up.
 EXTREME_RATIO = 100.0
 
@@ -42,11 +48,11 @@ def candidate_count(recipe: Finetune, ratio: float | None) -> int:
     ratios (``>= EXTREME_RATIO``) and only the solver's plan otherwise.
 
     >>> candidate_count(Finetune(epochs=10), 700.0), candidate_count(Finetune(epochs=10), 8.0)
-    (4, 1)
+    (5, 1)
     """
     if recipe.candidates != "auto":
         return int(recipe.candidates)
-    return 1 + len(BIT_FLOORS) if ratio is not None and ratio >= EXTREME_RATIO else 1
+    return 1 + len(BIT_FLOORS) + len(UNIFORM_BITS) if ratio is not None and ratio >= EXTREME_RATIO else 1
 
 
 def with_bit_floor(problem: Problem, floor: int) -> Problem | None:
@@ -65,19 +71,38 @@ def with_bit_floor(problem: Problem, floor: int) -> Problem | None:
     return dataclasses.replace(problem, knobs=tuple(knobs))
 
 
+def with_fixed_bits(problem: Problem, bits: int) -> Problem | None:
+    """``problem`` with every bits knob fixed at ``bits`` (None when a knob does not offer it)."""
+    knobs: list[Knob] = []
+    for knob in problem.knobs:
+        if knob.kind == "bits":
+            if bits not in knob.options:
+                return None
+            i = knob.options.index(bits)
+            knob = dataclasses.replace(knob, options=(bits,), distortion=(knob.distortion[i],))
+        knobs.append(knob)
+    return dataclasses.replace(problem, knobs=tuple(knobs))
+
+
 def candidate_plans(problem: Problem, budget: Budget, solve: Callable[[Problem], Plan], count: int) -> list[tuple[str, Plan]]:
-    """``(label, plan)``: the solver's plan on ``problem``, then on each bit floor that can still meet
-    ``budget``, up to ``count`` distinct plans."""
+    """``(label, plan)``: the solver's plan on ``problem``, then on each bit floor, then the uniform plan
+    at each of ``UNIFORM_BITS``, each only when that restriction can still meet ``budget``; up to
+    ``count`` distinct plans."""
+    from compressc.solvers.uniform import UniformSolver
+
     plans = [("solver", solve(problem))]
-    for floor in BIT_FLOORS:
+    restricted = [(f">= {b} bits", with_bit_floor(problem, b), solve) for b in BIT_FLOORS]
+    uniform = UniformSolver()
+    restricted += [(f"uniform {b} bits", with_fixed_bits(problem, b),
+                    lambda p: uniform.solve(p, budget, np.random.default_rng(0))) for b in UNIFORM_BITS]
+    for label, sub, solve_sub in restricted:
         if len(plans) >= count:
             break
-        sub = with_bit_floor(problem, floor)
         if sub is None or not sub.feasible(sub.most_compressed(), budget):
             continue
-        plan = solve(sub)
+        plan = solve_sub(sub)
         if all(plan != p for _, p in plans):
-            plans.append((f">= {floor} bits", plan))
+            plans.append((label, plan))
     return plans
 
 

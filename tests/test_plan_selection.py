@@ -20,15 +20,18 @@ def _problem():
 
 
 def test_each_candidate_meets_the_budget_and_respects_its_floor():
-    p, budget = _problem(), Budget(bytes=50)
+    p, budget = _problem(), Budget(bytes=60)
     solver = get_solver("convex")
-    plans = candidate_plans(p, budget, lambda q: solver.solve(q, budget, np.random.default_rng(0)), count=4)
+    plans = candidate_plans(p, budget, lambda q: solver.solve(q, budget, np.random.default_rng(0)), count=5)
+    assert any(label.startswith("uniform") for label, _ in plans)
     assert plans[0][0] == "solver" and len({str(pl.to_dict()) for _, pl in plans}) == len(plans)
     for label, plan in plans:
         assert p.bytes(p.choice_of(plan)) <= budget.bytes
-        if label != "solver":
+        if label.startswith(">="):
             floor = int(label.split()[1])
             assert all(s.bits >= floor for s in plan.layers.values())
+        elif label.startswith("uniform"):
+            assert {s.bits for s in plan.layers.values()} == {int(label.split()[1])}
     assert with_bit_floor(p, 4).feasible(with_bit_floor(p, 4).most_compressed(), Budget(bytes=80))
     assert candidate_plans(p, budget, lambda q: solver.solve(q, budget, np.random.default_rng(0)), count=1) == plans[:1]
 
