@@ -512,7 +512,7 @@ class Spec:
         values are left out. ``Spec.from_dict(spec.to_dict()) == spec``.
 
         >>> Spec(target_size="4MB").to_dict()["actions"]["bits"]
-        [2, 3, 4, 5, 6, 8]
+        [1, 2, 3, 4, 5, 6, 8]
         """
         def table(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
             values = ((n, getattr(obj, n)) for n in names)
