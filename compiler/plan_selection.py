@@ -40,12 +40,12 @@ BIT_FLOORS = (3, 4)
 #: The bit-widths of the uniform candidates.
 UNIFORM_BITS = (2, 4)
 #: ``candidates = "auto"`` compares plans from this compression ratio (fp32 bytes / target) up.
-EXTREME_RATIO = 100.0
+EXTREME_RATIO = 50.0
 
 
 def candidate_count(recipe: Finetune, ratio: float | None) -> int:
     """How many plans to compare: ``recipe.candidates``, or for ``"auto"`` all floors at extreme
-    ratios (``>= EXTREME_RATIO``) and only the solver's plan otherwise.
+    ratios (``>= EXTREME_RATIO``, 50x) and only the solver's plan otherwise.
 
     >>> candidate_count(Finetune(epochs=10), 700.0), candidate_count(Finetune(epochs=10), 8.0)
     (5, 1)

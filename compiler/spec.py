@@ -299,8 +299,8 @@ class Finetune:
     learning-rate range test instead of the fixed rate; the schedule warms up linearly over ``warmup`` of the steps, then decays
     (``"cosine"``) or stays (``"constant"``). ``patience`` stops a stage after that many epochs without
     a better ``evaluate`` score (``None``: never); the best weights are kept either way. ``grad_clip``
-    bounds the gradient norm (0: no clipping). ``candidates`` plans (one per bit floor; ``"auto"``: 4
-    at ratios of 100x and more, else 1) are compared after ``probe_epochs`` of recovery each, and the
+    bounds the gradient norm (0: no clipping). ``candidates`` plans (the solver's, one per bit floor and
+    uniform ones; ``"auto"``: 5 at ratios of 50x and more, else 1) are compared after ``probe_epochs`` of recovery each, and the
     best is recovered in full (``compressc.plan_selection``).
 
     >>> Finetune(epochs=3).distill_weight, Finetune(epochs=3).lr
