@@ -153,18 +153,21 @@ def compile(
         return CompileResult(model, Plan(), report, None)
 
     say("measuring sensitivities")
-    from compressc.problem_builder import build_problem, needs_sparsity
+    from compressc.problem_builder import build_problem, extend_actions
 
     t1 = time.perf_counter()
-    sparsity = spec.actions.sparsity
-    if needs_sparsity(graph, spec, budget.bytes, train_loader):
-        sparsity = ("unstructured",)
+    extension = extend_actions(graph, spec, budget.bytes, train_loader)
+    sparsity = extension.sparsity
+    if extension.keep:
+        say("the target is below what the keep-ratio grid reaches: keep ratios extended down to one channel "
+            "per group (actions.auto_extend)")
+    if sparsity != spec.actions.sparsity:
         say("the target is below what channels and bits alone reach: unstructured sparsity is on "
-            "(actions.auto_sparsity)")
-    report["sparsity"] = list(sparsity)
+            "(actions.auto_extend)")
+    report["extended_actions"] = {"keep": extension.keep, "sparsity": list(sparsity)}
     problem = build_problem(graph, spec, evaluate=evaluate, data=train_loader,
                             calibration_inputs=_calibration_inputs(calibration_loader),
-                            cache_dir=cache_dir, progress=progress, sparsity=sparsity)
+                            cache_dir=cache_dir, progress=progress, extension=extension)
     timings["sensitivity_s"] = time.perf_counter() - t1
     floor = problem.most_compressed()
     if budget.bytes is not None and problem.bytes(floor) > budget.bytes:
@@ -172,7 +175,7 @@ def compile(
             f"target size {budget.bytes:,} bytes is below the smallest size this spec allows: {problem.bytes(floor):,} bytes",
             hint="that is the most compressed plan the spec allows (every group at its fewest channels, the lowest "
                  "bits" + ("" if sparsity else ", no sparsity") + "): ask for at least that much"
-                 + ("" if sparsity else ", or allow sparsity ([actions] sparsity or auto_sparsity = true)"),
+                 + ("" if sparsity else ", or allow sparsity ([actions] sparsity, or auto_extend = true)"),
         )
     if budget.flops is not None and problem.flops(floor) > budget.flops:
         raise BudgetError(

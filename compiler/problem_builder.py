@@ -10,6 +10,7 @@ sensitivity pass; exact costs from the lowering passes and the size model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ from compressc.plan import Plan, weight_tensors
 from compressc.problem import Knob, Problem, TensorCost
 from compressc.spec import Spec
 
-__all__ = ["build_problem", "needs_sparsity", "group_modules", "segment_aware_ranking"]
+__all__ = ["build_problem", "extend_actions", "Extension", "group_modules", "segment_aware_ranking"]
 
 
 def group_modules(group: ChannelGroup) -> list[str]:
@@ -43,17 +44,21 @@ def segment_aware_ranking(group: ChannelGroup, scores: np.ndarray) -> tuple[int,
     return tuple(int(u) for u in first + [u for u in order if u not in first])
 
 
-def _keep_options(group: ChannelGroup, spec: Spec, modules: list[str]) -> tuple[int, ...]:
+def _keep_options(group: ChannelGroup, spec: Spec, modules: list[str], extended: bool = False) -> tuple[int, ...]:
     rules = [spec.rule_for(m) for m in modules]
     if any(r.prune is False for r in rules):
         return (group.size,)
     min_keep = max([r.min_channels for r in rules] + [len(group.segments), 1])
     multiple = max([r.round_to for r in rules] + [1])
     counts = {group.size}
-    smallest = int(np.ceil(min_keep / multiple) * multiple) if multiple > 1 else min_keep
-    if smallest < group.size:  # down to the smallest legal size, whatever the grid's last ratio
-        counts.add(smallest)
-    for ratio in spec.actions.keep_ratio_choices:
+    ratios = list(spec.actions.keep_ratio_choices)
+    if extended:  # halving below the grid down to the smallest legal size
+        smallest = int(np.ceil(min_keep / multiple) * multiple) if multiple > 1 else min_keep
+        if smallest < group.size:
+            counts.add(smallest)
+        while ratios[-1] * group.size / 2 >= 1:
+            ratios.append(ratios[-1] / 2)
+    for ratio in ratios:
         k = int(round(ratio * group.size))
         k = int(np.ceil(k / multiple) * multiple) if multiple > 1 else k
         if min_keep <= k <= group.size:
@@ -95,7 +100,8 @@ def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]
     return tuple(costs)
 
 
-def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any) -> tuple[list[Knob], dict[int, tuple[int, ...]]]:
+def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any,
+           extended: bool = False) -> tuple[list[Knob], dict[int, tuple[int, ...]]]:
     """The knobs (distortions still zero) and the unit rankings of their groups."""
     analysis = analyze_channels(graph)
     actions = spec.actions
@@ -106,7 +112,7 @@ def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any) -> tu
         criterion = get_criterion(spec.importance)
         scores = criterion.scores(graph, prunable, data) if prunable else {}
         for group in prunable:
-            options = _keep_options(group, spec, group_modules(group))
+            options = _keep_options(group, spec, group_modules(group), extended)
             if len(options) > 1:
                 ranking[group.id] = segment_aware_ranking(group, np.asarray(scores[group.id]))
                 knobs.append(Knob(f"keep:{group.id}", "keep", group.id, options, (0.0,) * len(options)))
@@ -142,15 +148,32 @@ def _problem(graph: Graph, spec: Spec, knobs: Sequence[Knob], ranking: dict[int,
     )
 
 
-def needs_sparsity(graph: Graph, spec: Spec, target_bytes: int | None, data: Any = None) -> bool:
-    """Whether ``actions.auto_sparsity`` turns unstructured sparsity on: the spec allows none, and the
-    most compressed plan of channels and bits alone is over ``target_bytes``."""
+@dataclass(frozen=True)
+class Extension:
+    """How ``actions.auto_extend`` widened the spec's grids for a target: ``keep`` (keep ratios down to
+    each group's smallest legal size) and ``sparsity`` (the sparsity kinds in use)."""
+
+    keep: bool
+    sparsity: tuple[str, ...]
+
+
+def extend_actions(graph: Graph, spec: Spec, target_bytes: int | None, data: Any = None) -> Extension:
+    """The grids a byte target needs: the spec's own when its most compressed plan meets
+    ``target_bytes`` (or ``auto_extend`` is off), else the extended keep grid, else that and
+    unstructured sparsity (when the spec allows none), whichever comes first to reach it."""
     actions = spec.actions
-    if target_bytes is None or actions.sparsity or not actions.auto_sparsity:
-        return False
-    knobs, ranking = _knobs(graph, spec, (), data)
-    floor = _problem(graph, spec, knobs, ranking, "unstructured")
-    return floor.bytes(floor.most_compressed()) > target_bytes
+    plain = Extension(False, actions.sparsity)
+    if target_bytes is None or not actions.auto_extend:
+        return plain
+    steps = [plain, Extension(True, actions.sparsity)]
+    if not actions.sparsity:
+        steps.append(Extension(True, ("unstructured",)))
+    for step in steps:
+        knobs, ranking = _knobs(graph, spec, step.sparsity, data, step.keep)
+        floor = _problem(graph, spec, knobs, ranking, step.sparsity[0] if step.sparsity else "unstructured")
+        if floor.bytes(floor.most_compressed()) <= target_bytes:
+            return step
+    return steps[-1]
 
 
 def build_problem(
@@ -162,16 +185,16 @@ def build_problem(
     data: Any = None,
     cache_dir=None,
     progress: bool = False,
-    sparsity: tuple[str, ...] | None = None,
+    extension: Extension | None = None,
 ) -> Problem:
-    """The compression problem of ``graph`` under ``spec`` (sensitivities measured, then cached).
-    ``sparsity`` overrides ``spec.actions.sparsity`` (the driver passes ``("unstructured",)`` when
-    :func:`needs_sparsity` says the target needs it)."""
+    """The compression problem of ``graph`` under ``spec`` (sensitivities measured, then cached), on
+    the spec's grids or those ``extension`` (from :func:`extend_actions`) widens."""
     from compressc.sensitivity import measure_sensitivity
 
-    sparsity = spec.actions.sparsity if sparsity is None else sparsity
+    extension = extension or Extension(False, spec.actions.sparsity)
+    sparsity = extension.sparsity
     kind = sparsity[0] if sparsity else "unstructured"
-    knobs, ranking = _knobs(graph, spec, sparsity, data)
+    knobs, ranking = _knobs(graph, spec, sparsity, data, extension.keep)
     knobs = list(measure_sensitivity(
         graph, knobs, ranking, scheme=spec.actions.quant_scheme, sparsity_kind=kind, evaluate=evaluate,
         calibration_inputs=calibration_inputs, cache_dir=cache_dir, progress=progress,

@@ -222,10 +222,11 @@ def _validate(obj: Any, prefix: Key) -> None:
 class Actions:
     """What the compiler may do (the ``[actions]`` table). Each grid always implicitly holds its
     identity (keep ratio 1.0, sparsity 0.0, 32 bits), so keeping a layer as it is stays possible.
-    Every prunable group may also go down to its smallest legal size (one channel per split part, or
-    a rule's ``min_channels``). 1-bit layers are stored as a two-entry codebook (uniform 1-bit codes
-    cannot hold both signs). ``auto_sparsity``: when ``sparsity`` is empty and the byte target is below
-    what channels and bits alone can reach, unstructured sparsity is turned on instead of refusing.
+    1-bit layers are stored as a two-entry codebook (uniform 1-bit codes cannot hold both signs).
+    ``auto_extend``: when the byte target is below what these grids reach, extend them instead of
+    refusing: first keep ratios halving below the smallest one down to each group's smallest legal size
+    (one channel per split part, or a rule's ``min_channels``), then, if ``sparsity`` is empty,
+    unstructured sparsity.
 
     >>> Actions(bits=(8, 4)).bit_choices, Actions(keep_ratios=(0.5,)).keep_ratio_choices
     ((4, 8, 32), (1.0, 0.5))
@@ -237,9 +238,8 @@ class Actions:
     sparsity_levels: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
     bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
     quant_scheme: Literal["symmetric", "asymmetric", "codebook"] = "symmetric"
-    keep_ratios: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375, 0.0625,
-                                      0.046875, 0.03125, 0.015625)
-    auto_sparsity: bool = True
+    keep_ratios: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875, 0.125)
+    auto_extend: bool = True
 
     _optional: ClassVar[frozenset[str]] = frozenset()
     _checks: ClassVar[dict[str, Callable[[Any, Key], Any]]] = {
@@ -250,7 +250,7 @@ class Actions:
         "bits": _array(_bits),
         "quant_scheme": lambda v, k: _choice(v, k, QUANT_SCHEMES, "a quantization scheme"),
         "keep_ratios": _array(lambda v, k: _float(v, k, 0, 1, lo_open=True)),
-        "auto_sparsity": _bool,
+        "auto_extend": _bool,
     }
 
     def __post_init__(self) -> None:

@@ -181,3 +181,30 @@ def test_extreme_targets_compare_candidate_plans_and_stay_within_budget(tmp_path
     best = max(c["score"] for c in report["candidates"])
     assert report["weights_bytes"] <= report["target_bytes"]
     assert report["compressed"]["accuracy"] is not None and best is not None
+
+
+def test_grids_extend_only_as_far_as_the_target_needs():
+    from compressc.problem_builder import _knobs, _problem, extend_actions
+    from compressc.spec import Spec
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 10)).eval()
+    g = compressc.trace(net, (torch.randn(1, 3, 8, 8),))
+    spec = Spec()
+
+    def floor(keep, sparsity):
+        knobs, ranking = _knobs(g, spec, sparsity, None, keep)
+        p = _problem(g, spec, knobs, ranking, "unstructured")
+        return p.bytes(p.most_compressed())
+
+    plain, fine, sparse = floor(False, ()), floor(True, ()), floor(True, ("unstructured",))
+    assert plain > fine > sparse
+    assert extend_actions(g, spec, plain).keep is False and extend_actions(g, spec, None).keep is False
+    assert extend_actions(g, spec, fine).keep and not extend_actions(g, spec, fine).sparsity
+    assert extend_actions(g, spec, sparse).sparsity == ("unstructured",)
+    assert not extend_actions(g, spec.merged({"actions": {"auto_extend": False}}), sparse).keep
+    result = compressc.compile(net, (torch.randn(1, 3, 8, 8),), target_size=sparse, solver="greedy", progress=False)
+    assert result.report["weights_bytes"] <= sparse and result.report["extended_actions"]["sparsity"] == ["unstructured"]
+    with pytest.raises(BudgetError, match=f"smallest size this spec allows: {sparse:,} bytes"):
+        compressc.compile(net, (torch.randn(1, 3, 8, 8),), target_size=sparse - 1, solver="greedy", progress=False)

@@ -58,7 +58,7 @@ def test_defaults():
     assert (a.prune_channels, a.remove_layers, a.sparsity, a.quant_scheme) == (True, False, (), "symmetric")
     assert a.bits == (1, 2, 3, 4, 5, 6, 8) and a.sparsity_levels == (0.0, 0.25, 0.5, 0.75, 0.9)
     assert a.keep_ratios[:8] == (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875)
-    assert min(a.keep_ratios) == 0.015625 and a.auto_sparsity
+    assert min(a.keep_ratios) == 0.125 and a.auto_extend
     assert dataclasses.astuple(spec.finetune) == (0, 3e-3, "adam", 0.0, "cosine", 0.05, 4.0, 0.7, "auto", 5.0, None,
                                                   "auto", None, "auto", 2)
     assert spec.rules == () and Spec.from_dict({}) == spec
@@ -285,7 +285,7 @@ def specs(draw):
         bits=tuple(draw(st.lists(st.sampled_from(ALLOWED_BITS), unique=True))),
         quant_scheme=draw(st.sampled_from(["symmetric", "asymmetric", "codebook"])),
         keep_ratios=tuple(draw(st.lists(st.floats(0, 1, exclude_min=True), unique=True, max_size=5))),
-        auto_sparsity=draw(st.booleans()))
+        auto_extend=draw(st.booleans()))
     finetune = Finetune(
         epochs=draw(st.integers(0, 100)), lr=draw(st.just("auto") | st.floats(1e-6, 10)),
         temperature=draw(st.floats(0.1, 20)), distill_weight=draw(st.floats(0, 1)),
