@@ -53,7 +53,7 @@ def test_compile_meets_the_byte_target(solver):
                               torch.nn.Linear(64, 4)).eval()
     result = compressc.compile(net, (torch.randn(4, 32),), target_size="15%", solver=solver, progress=False)
     assert result.report["weights_bytes"] <= result.report["target_bytes"]
-    assert result.report["weights_bytes"] == result.compact.predicted_bytes
+    assert result.report["weights_bytes"] == result.report["predicted_bytes"]  # measured == the solver's size model
     with torch.no_grad():
         out = result.module(torch.randn(3, 32))
     assert out.shape == (3, 4) and torch.isfinite(out).all()

@@ -144,13 +144,27 @@ def _float_record(name: str, t: torch.Tensor) -> TensorRecord:
 
 def finalize(prepared: Prepared, module: torch.nn.Module | None = None) -> Compact:
     """Quantize the weights of ``module`` (default: the prepared one, e.g. after fine-tuning) into
-    records; the returned module is a copy holding the dequantized values."""
+    records; the returned module is a copy holding the dequantized values.
+
+    Records follow the *prepared* module's state-dict order, whatever order ``module`` holds its
+    tensors in (removing a parametrization re-registers a weight after its bias, for one), so the file
+    is the one ``predict_bytes`` priced: the size model reads names in order. ``module`` must hold
+    exactly the prepared module's tensors, with the same shapes.
+    """
     module = copy.deepcopy(module if module is not None else prepared.module)
+    state = module.state_dict(keep_vars=True)
+    expected = {name: tuple(t.shape) for name, t in prepared.module.state_dict().items()}
+    got = {name: tuple(t.shape) for name, t in state.items()}
+    if got != expected:
+        differ = sorted(set(got) ^ set(expected)) or sorted(n for n in got if got[n] != expected[n])
+        raise PlanError(f"finalize: the module's tensors differ from the prepared module's: {', '.join(differ[:5])}",
+                        hint="pass the module prepare() built (or one trained from it, with its tensors unchanged)")
     element_masks = prepared.element_masks()
     quantized: dict[str, QuantizedTensor] = {}
     records: list[TensorRecord] = []
     with torch.no_grad():
-        for name, t in module.state_dict(keep_vars=True).items():
+        for name in expected:
+            t = state[name]
             if name in prepared.specs:
                 q = quantize(t, prepared.specs[name], name=name, mask=element_masks.get(name))
                 quantized[name] = q
