@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -113,7 +114,9 @@ def compile(
 ) -> CompileResult:
     """Compress ``model`` to the targets and return the compact model with its report.
 
-    Arguments given here override ``spec``'s (the CLI passes its flags the same way). Raises
+    Arguments given here override ``spec``'s (the CLI passes its flags the same way). ``model`` is
+    never changed: compressc works on a copy in eval mode (a no-op result's ``module`` is that copy),
+    and ``evaluate`` receives copies too. Raises
     ``UserError`` subclasses for requests no plan can meet (with the achievable minimum), and
     ``SpecError`` / ``SizeError`` for bad values.
     """
@@ -133,7 +136,7 @@ def compile(
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     torch.manual_seed(spec.seed)
-    model.eval()
+    model = copy.deepcopy(model).eval()  # the caller's model keeps its modes, tensors and tree (invariant 6)
     say("tracing")
     graph = trace(model, tuple(example_inputs))
     totals = graph.totals()

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 import compressc
 
 from .arch_strategies import CNNSpec, arch_specs, build, plans
+from .snapshots import assert_unchanged, snapshot
 
 # Random architectures often hold ops whose channels compressc leaves alone, with a warning: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::compressc.passes.analysis.channel_groups.ChannelAnalysisWarning")
@@ -202,30 +203,6 @@ def test_iterative_pruning_composes(spec, data):
     assert shapes(twice) == shapes(once)
 
 
-def _snapshot(module: nn.Module) -> dict:
-    """Everything pruning must not touch: tensors bit for bit, module tree, attributes, modes."""
-    def attrs(m):
-        return {k: v for k, v in vars(m).items()
-                if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
-
-    return {
-        "state": {k: (v.dtype, tuple(v.shape), v.detach().clone()) for k, v in module.state_dict().items()},
-        "tree": [(name, type(m).__name__, attrs(m), m.training) for name, m in module.named_modules()],
-        "params": [(name, id(p), p.requires_grad) for name, p in module.named_parameters()],
-        "code": module.code if isinstance(module, torch.fx.GraphModule) else None,
-    }
-
-
-def _assert_same(before: dict, after: dict, what: str) -> None:
-    assert before["tree"] == after["tree"], f"{what}: module tree or attributes changed"
-    assert before["params"] == after["params"], f"{what}: parameters were replaced"
-    assert before["code"] == after["code"], f"{what}: graph changed"
-    assert before["state"].keys() == after["state"].keys(), f"{what}: state_dict keys changed"
-    for k, (dtype, shape, value) in before["state"].items():
-        dtype2, shape2, value2 = after["state"][k]
-        assert (dtype, shape) == (dtype2, shape2) and torch.equal(value, value2), f"{what}: {k} changed"
-
-
 @PROPERTY
 @given(spec=arch_specs(), data=st.data())
 def test_input_model_is_never_mutated(spec, data):
@@ -233,17 +210,17 @@ def test_input_model_is_never_mutated(spec, data):
     note(f"spec = {spec!r}")
     model, inputs = build(spec)
     originals = [x.clone() for x in inputs]
-    before_model = _snapshot(model)
+    before_model = snapshot(model)
     g = compressc.trace(model, inputs)
-    before_graph = _snapshot(g.module)
+    before_graph = snapshot(g.module)
     groups = compressc.channel_groups(g)
     plan = data.draw(plans(groups), label="plan")
     pruned = compressc.prune_channels(g, plan)
     masked = compressc.masked_reference(g, plan)
     compressc.predict_cost(g, plan)
     _outputs(pruned, inputs), _outputs(masked, inputs)  # running them must not write through either
-    _assert_same(before_model, _snapshot(model), "model")
-    _assert_same(before_graph, _snapshot(g.module), "g.module")
+    assert_unchanged(before_model, snapshot(model), "model")
+    assert_unchanged(before_graph, snapshot(g.module), "g.module")
     assert all(torch.equal(x, x0) for x, x0 in zip(inputs, originals)), "example inputs changed"
 
 
