@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from compressc.artifact.bundle import ArtifactExistsError
+from compressc.artifact.bundle import check_output_dir
 from compressc.cli import main
 from compressc.console import format_bytes, format_count
 from compressc.errors import UserError
@@ -58,8 +58,7 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     out = output if output is not None else default_output_dir(model_file)
     if out.resolve() == model_file.resolve():
         raise UserError(f"output {out} would overwrite the model file", hint="choose another -o directory")
-    if out.exists() and not force:
-        raise ArtifactExistsError(f"{out} already exists", hint="choose another -o directory, or pass --force to replace it")
+    check_output_dir(out, force=force)  # before any work: a path that cannot be written fails now, not at the end
     err = Console(stderr=True)
     mf = load_model_file(model_file)
     if spec.finetune.epochs > 0 and mf.train_loader is None:

@@ -208,3 +208,18 @@ def test_grids_extend_only_as_far_as_the_target_needs():
     assert result.report["weights_bytes"] <= sparse and result.report["extended_actions"]["sparsity"] == ["unstructured"]
     with pytest.raises(BudgetError, match=f"smallest size this spec allows: {sparse:,} bytes"):
         compressc.compile(net, (torch.randn(1, 3, 8, 8),), target_size=sparse - 1, solver="greedy", progress=False)
+
+
+@pytest.mark.parametrize("output,force,says", [("notes.txt/out", False, "notes.txt is a file, not a directory"),
+                                               ("notes.txt/a/b", False, "notes.txt is a file, not a directory"),
+                                               ("notes.txt", True, "exists and is not a directory")])
+def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, output, force, says):
+    marker = tmp_path / "model-file-was-loaded"
+    model = _write(tmp_path, MODEL_FILE + f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "notes.txt").write_text("keep me")
+    res = CliRunner().invoke(main, [str(model), "--target-size", "50%", "-o", str(tmp_path / output),
+                                    *(["--force"] if force else [])])
+    assert res.exit_code == 2, res.output
+    assert says in res.output and "Traceback" not in res.output
+    assert not marker.exists()  # refused before the model file was even loaded
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

@@ -39,7 +39,8 @@ from compressc.artifact import reader_source, write_weights
 from compressc.artifact.container import TensorRecord
 from compressc.errors import UserError
 
-__all__ = ["save_artifact", "load", "model_source", "ArtifactInfo", "ArtifactExistsError", "WEIGHTS_FILE"]
+__all__ = ["save_artifact", "load", "model_source", "check_output_dir", "ArtifactInfo", "ArtifactExistsError",
+           "OutputLocationError", "DamagedArtifactError", "WEIGHTS_FILE"]
 
 WEIGHTS_FILE = "weights.cqw"
 MODEL_FILE = "model.py"
@@ -98,6 +99,42 @@ class ArtifactExistsError(UserError):
     """The output directory exists and ``force`` was not given."""
 
 
+class OutputLocationError(UserError):
+    """The output directory cannot be created or written where it was asked for."""
+
+
+def check_output_dir(directory, *, force: bool = False) -> Path:
+    """The resolved artifact directory, after checking that it can be written: it does not exist (or
+    ``force`` and it is a directory), and its nearest existing ancestor is a writable directory.
+    Cheap, so callers run it before any work.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"; _ = f.write_text("x")
+    >>> check_output_dir(f / "out")
+    Traceback (most recent call last):
+    compressc.artifact.bundle.OutputLocationError: cannot create .../notes.txt/out: .../notes.txt is a file, not a directory
+      hint: choose an output directory whose parent is a directory (-o DIR)
+    """
+    target = Path(directory).resolve()
+    if target.exists():
+        if not force:
+            raise ArtifactExistsError(f"{target} already exists",
+                                      hint="choose another output directory, or pass --force to replace it")
+        if not target.is_dir():
+            raise OutputLocationError(f"{target} exists and is not a directory, so it cannot be replaced by one",
+                                      hint="choose another output directory (-o DIR)")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputLocationError(f"cannot create {target}: {ancestor} is a file, not a directory",
+                                  hint="choose an output directory whose parent is a directory (-o DIR)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"cannot create {target}: {ancestor} is not writable",
+                                  hint="choose an output directory you can write to (-o DIR)")
+    return target
+
+
 @dataclass(frozen=True)
 class ArtifactInfo:
     directory: Path
@@ -129,9 +166,7 @@ def model_source(module: nn.Module) -> str:
 def save_artifact(directory, module: nn.Module, records: list[TensorRecord], *, report: dict[str, Any] | None = None,
                   force: bool = False) -> ArtifactInfo:
     """Write ``directory`` with model.py, the weights file and (when given) report.json, atomically."""
-    target = Path(directory).resolve()
-    if target.exists() and not force:
-        raise ArtifactExistsError(f"{target} already exists", hint="choose another output directory, or pass --force to replace it")
+    target = check_output_dir(directory, force=force)
     source = model_source(module)  # before touching the disk: a codegen refusal writes nothing
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
