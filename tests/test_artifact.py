@@ -179,6 +179,23 @@ def test_plan_naming_an_unknown_layer_fails_clearly():
     assert err.value.exit_code == 2
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_weights_file_fails_to_load_with_a_clear_error(tmp_path, damage):
+    _, _, g = _traced("conv1d_net")
+    lower(g, Plan(layers={n: LayerSettings(bits=4) for n in weight_tensors(g.module)})).save(tmp_path / "out")
+    weights = tmp_path / "out" / "weights.cqw"
+    blob = weights.read_bytes()
+    middle = len(blob) // 2
+    weights.write_bytes(blob[:middle] if damage == "truncate" else blob[:middle] + bytes([blob[middle] ^ 1]) + blob[middle + 1:])
+    with pytest.raises(bundle.DamagedArtifactError, match=r"weights\.cqw: damaged weights file") as err:
+        compressc.load(tmp_path / "out")
+    assert err.value.exit_code == 2
+    namespace = {"__name__": "artifact_model"}  # the generated model.py alone, without compressc, refuses it too
+    exec(compile((tmp_path / "out" / "model.py").read_text(), "model.py", "exec"), namespace)
+    with pytest.raises(ValueError, match="checksum does not match"):
+        namespace["load"](str(weights))
+
+
 def test_load_of_a_non_artifact_directory(tmp_path):
     with pytest.raises(compressc.UserError, match="not a compressc artifact"):
         compressc.load(tmp_path)

@@ -277,17 +277,19 @@ def test_reader_source_works_pasted_into_another_module(outdir):
 
 
 def _blob(header: bytes, payload: bytes = b"", version: int = 1) -> bytes:
-    """A weights file from its header section (before deflate) and payload bytes."""
+    """A weights file from its header section (before deflate) and payload bytes; version 3 files end
+    with the CRC-32 of the rest."""
     packed = zlib.compress(header, wbits=-15)
-    return b"CQW" + bytes([version, len(packed)]) + packed + payload
+    blob = b"CQW" + bytes([version, len(packed)]) + packed + payload
+    return blob + zlib.crc32(blob).to_bytes(4, "little") if version >= 3 else blob
 
 
 def test_golden_bytes_pin_the_format():
     rec = TensorRecord("a.0.weight", (2, 3), "uniform", bits=2, codes=np.array([[0, 1, 2], [3, 2, 1]], np.uint8),
                        channel_dim=0, scale=np.array([1.0, 0.5], np.float32), mask=np.array([[1, 0, 1], [0, 0, 1]], bool))
     blob = encode_weights([rec])
-    assert blob[:4] == b"CQW\x01" and blob[4] < 0x80
-    header, payload = zlib.decompress(blob[5 : 5 + blob[4]], wbits=-15), blob[5 + blob[4] :]
+    assert blob[:4] == b"CQW\x03" and blob[4] < 0x80
+    header, payload = zlib.decompress(blob[5 : 5 + blob[4]], wbits=-15), blob[5 + blob[4] : -4]
     assert header.hex() == (
         "02" "0161" "06776569676874"  # two table tokens: "a", "weight" ("0" is a number token)
         "01"  # one record
@@ -299,7 +301,8 @@ def test_golden_bytes_pin_the_format():
         "003c" "0038"  # scales 1.0, 0.5 as float16
         "a8" "06"  # dense is cheapest: codes 0, 2, 2, 2, 2, 1 (removed ones hold the zero code 2), LSB-first
     )
-    assert blob == _blob(header, payload)
+    assert blob == _blob(header, payload, version=3)
+    assert blob[-4:] == zlib.crc32(blob[:-4]).to_bytes(4, "little")
 
 
 def test_the_readers_e4m3_table_is_torch_float8_e4m3fn():
@@ -307,13 +310,13 @@ def test_the_readers_e4m3_table_is_torch_float8_e4m3fn():
     assert reader._E4M3.dtype == torch.float32 and float(reader._E4M3[-1]) == 448.0
 
 
-def test_golden_bytes_pin_float8_scales_and_version_2():
+def test_golden_bytes_pin_float8_scales():
     rec = TensorRecord("w", (3, 2), "uniform", bits=4, codes=np.array([[0, 15], [8, 9], [7, 8]], np.uint8),
                        channel_dim=0, scale=np.array([0.75, 2.0**-10, 0.25], np.float32), scale_dtype="float8",
                        scale_base=0.5, zero_point=np.array([1, 8, 7], np.uint8))
     blob = encode_weights([rec])
-    assert blob[:4] == b"CQW\x02"  # float8 scales need version 2
-    header, payload = zlib.decompress(blob[5 : 5 + blob[4]], wbits=-15), blob[5 + blob[4] :]
+    assert blob[:4] == b"CQW\x03"  # float8 scales need version 2 or later
+    header, payload = zlib.decompress(blob[5 : 5 + blob[4]], wbits=-15), blob[5 + blob[4] : -4]
     assert header.hex() == (
         "01" "0177"  # one table token: "w"
         "01" "20" "00"  # one record, named "w"
@@ -333,24 +336,53 @@ def test_golden_bytes_pin_float8_scales_and_version_2():
     assert got.tolist() == [[-0.75, 10.5], [0.0, 2.0**-10], [0.0, 0.25]]
 
 
-def test_version_1_files_stay_version_1_and_readable():
+def test_files_of_versions_1_and_2_without_a_checksum_stay_readable():
     half = np.ones((2, 2), np.float16)
-    recs = [_u(), _u(name="fc.weight", scale_dtype="float32"), _u(name="b", kind="float16", values=half)]
+    recs = [_u(), _u(name="fc.weight", scale_dtype="float32"), _u(name="b", kind="float16", values=half),
+            _u(name="n", scale_dtype="float8", scale_base=1.0)]
     blob = encode_weights(recs)
-    assert blob[3] == 1  # no float8 scales: the oldest version that reads the file
+    assert blob[3] == 3 and len(blob) == predict_size(recs)
+    older = blob[:3] + b"\x02" + blob[4:-4]  # the same content as a version-2 writer wrote it
     for r in recs:
-        assert _same_bits(load_weights(blob)[r.name].numpy(), dequantize_record(r))
-    narrow = _u(name="n", scale_dtype="float8", scale_base=1.0)
-    blob = encode_weights(recs + [narrow])
-    assert blob[3] == 2 and len(blob) == predict_size(recs + [narrow])
-    assert (size_breakdown([narrow]).params, size_breakdown([_u()]).params) == (4 + 2, 2 * 2)  # base + bytes; float16
+        assert _same_bits(load_weights(older)[r.name].numpy(), dequantize_record(r))
+    without_float8 = encode_weights(recs[:3])
+    assert load_weights(without_float8[:3] + b"\x01" + without_float8[4:-4]).keys() == {r.name for r in recs[:3]}
+    assert (size_breakdown([recs[3]]).params, size_breakdown([_u()]).params) == (4 + 2, 2 * 2)  # base + bytes; float16
+
+
+def _sample_file() -> bytes:
+    g = np.random.default_rng(0)
+    return encode_weights([
+        TensorRecord("conv.weight", (4, 3, 3, 3), "uniform", bits=3, codes=g.integers(0, 8, (4, 3, 3, 3)).astype(np.uint8),
+                     channel_dim=0, scale=np.full(4, 0.5, np.float32), mask=g.random((4, 3)) < 0.5, block_shape=(3, 3)),
+        TensorRecord("conv.bias", (4,), "float32", values=g.standard_normal(4).astype(np.float32)),
+        TensorRecord("fc.weight", (2, 8), "codebook", bits=2, codes=g.integers(0, 4, (2, 8)).astype(np.uint8),
+                     codebook=np.array([0, 0.5, -1, 2], np.float32)),
+    ])
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_a_damaged_file_is_refused_never_decoded(data):
+    """Truncated anywhere, or any byte changed: a ValueError that says so (the CRC-32 catches every
+    change of up to 32 consecutive bits), never a crash or silently different weights."""
+    blob = _sample_file()
+    if data.draw(st.booleans(), label="truncate"):
+        damaged = blob[: data.draw(st.integers(0, len(blob) - 1), label="keep")]
+    else:
+        i = data.draw(st.integers(4, len(blob) - 1), label="at")  # past magic and version, checked first
+        flip = data.draw(st.integers(1, 255), label="xor")
+        damaged = blob[:i] + bytes([blob[i] ^ flip]) + blob[i + 1 :]
+    with pytest.raises(ValueError, match="damaged weights file|bad magic|truncated"):
+        load_weights(damaged)
 
 
 @pytest.mark.parametrize(
     "blob, message",
     [
         (b"PK\x03\x04", "bad magic"),
-        (b"CQW\x03\x00", "version 3"),
+        (b"CQW\x04\x00", "version 4"),
+        (b"CQW\x03\x00\x00\x00\x00", "damaged"),  # a version-3 file whose checksum does not match
         (b"CQW\x00\x00", "version 0"),
         (b"CQW\x01\x05abc", "truncated"),
         (b"CQW\x01\x02\xff\xff", "corrupt"),  # not a deflate stream

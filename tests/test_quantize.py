@@ -635,7 +635,7 @@ def test_float8_scales_decode_bit_for_bit_in_quantize_fake_quant_record_and_read
     rec = as_record("layer.weight", q, mask)
     assert np.array_equal(dequantize_record(rec).view(np.uint32), ref)
     blob = encode_weights([rec])
-    assert len(blob) == predict_size([rec]) and blob[3] == 2  # format version 2: float8 scales
+    assert len(blob) == predict_size([rec]) and blob[3] == 3  # format version 3 (float8 scales since 2)
     assert np.array_equal(load_weights(blob)["layer.weight"].numpy().view(np.uint32), ref)
     ints = load_weights(blob, keep_int8=True)["layer.weight"]
     assert np.array_equal(ints.scale.numpy(), q.scale)

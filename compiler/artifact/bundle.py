@@ -99,6 +99,10 @@ class ArtifactExistsError(UserError):
     """The output directory exists and ``force`` was not given."""
 
 
+class DamagedArtifactError(UserError):
+    """An artifact whose weights file fails its integrity check or cannot be decoded."""
+
+
 class OutputLocationError(UserError):
     """The output directory cannot be created or written where it was asked for."""
 
@@ -195,7 +199,8 @@ def save_artifact(directory, module: nn.Module, records: list[TensorRecord], *, 
 def load(directory, *, keep_int8: bool = False) -> nn.Module:
     """Load an artifact directory written by compressc: runs its generated ``model.py``'s ``load()``.
 
-    Raises ``UserError`` when the directory is not an artifact."""
+    Raises ``UserError`` when the directory is not an artifact, and ``DamagedArtifactError`` when its
+    weights file is truncated, altered or corrupt (its checksum is verified before it is decoded)."""
     directory = Path(directory)
     model_py = directory / MODEL_FILE
     if not model_py.is_file() or not (directory / WEIGHTS_FILE).is_file():
@@ -207,6 +212,10 @@ def load(directory, *, keep_int8: bool = False) -> nn.Module:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-        return module.load(directory / WEIGHTS_FILE, keep_int8=keep_int8)
+        try:
+            return module.load(directory / WEIGHTS_FILE, keep_int8=keep_int8)
+        except ValueError as e:  # the weights reader's only error: not a weights file, damaged, corrupt
+            raise DamagedArtifactError(f"{directory / WEIGHTS_FILE}: {e}",
+                                       hint="compress the model again, or restore the artifact from a copy") from None
     finally:
         sys.modules.pop(name, None)

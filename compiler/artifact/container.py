@@ -3,7 +3,7 @@
 Layout (docs/artifact.md, "Weights file format"): magic ``CQW`` + version byte, then a header section
 (token table of name parts, record count, per record its name, kind byte and shape) stored raw-deflated
 behind its length, then the records' payloads back to back (sparse-encoding prefix, scales / zero points
-/ codebook, positions, values). No padding, no JSON, no pickles.
+/ codebook, positions, values), then the CRC-32 of all that. No padding, no JSON, no pickles.
 
 ``predict_size`` builds and deflates the same header section the writer does and prices payloads by
 formula (it never packs bits and never reads codes, values or scales), so ``predict_size(rs) ==
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bitpack import pack_bits, packed_nbytes, varint
-from .reader import _E4M3, WEIGHTS_MAGIC, load_weights
+from .reader import _E4M3, CHECKSUM_BYTES, WEIGHTS_MAGIC, WEIGHTS_VERSION, load_weights
 from .sparse import PositionEncoding, choose_encoding, encode_positions
 
 __all__ = [
@@ -103,8 +103,8 @@ class TensorRecord:
 class SizeBreakdown:
     """Where the bytes of a weights file go; ``total`` is the file size.
 
-    ``headers``: magic, version, the header section's length varint and the (deflated) header section
-    itself; ``headers_raw``: that section before deflate (informational, not part of ``total``);
+    ``headers``: magic, version, the header section's length varint, the (deflated) header section
+    itself and the closing CRC-32; ``headers_raw``: that section before deflate (informational, not part of ``total``);
     ``params``: scales, zero points and codebooks; ``positions``: sparse positions; ``values``: packed
     codes and float values.
     """
@@ -359,12 +359,11 @@ def _deflate(raw: bytes) -> bytes:
     return z.compress(raw) + z.flush()
 
 
-def _file_header(raw: bytes, records: list[TensorRecord]) -> bytes:
-    """Magic, version, the deflated header section. The version is the oldest that can read the file:
-    2 when a record has float8 scales, else 1 (a version-1 reader then still reads it)."""
+def _file_header(raw: bytes) -> bytes:
+    """Magic, version, the deflated header section. Every file is written as version 3: its last
+    ``CHECKSUM_BYTES`` bytes are the CRC-32 of everything before them, which the reader verifies."""
     packed = _deflate(raw)
-    version = 2 if any(_narrow(r) for r in records) else 1
-    return WEIGHTS_MAGIC + bytes([version]) + varint(len(packed)) + packed
+    return WEIGHTS_MAGIC + bytes([WEIGHTS_VERSION]) + varint(len(packed)) + packed
 
 
 def size_breakdown(records) -> SizeBreakdown:
@@ -387,7 +386,8 @@ def size_breakdown(records) -> SizeBreakdown:
         else:
             positions += len(enc.prefix) + enc.position_nbytes
             values += enc.value_nbytes
-    return SizeBreakdown(len(_file_header(raw, records)), params, positions, values, headers_raw=len(raw))
+    headers = len(_file_header(raw)) + CHECKSUM_BYTES
+    return SizeBreakdown(headers, params, positions, values, headers_raw=len(raw))
 
 
 def predict_size(records) -> int:
@@ -434,14 +434,15 @@ def _payload(rec: TensorRecord, enc: PositionEncoding | None) -> bytes:
 def encode_weights(records) -> bytes:
     """The weights file's bytes for ``records`` (validated; ``ValueError`` names a bad record).
 
-    >>> encode_weights([])[:4]          # magic, version; then the deflated header section
-    b'CQW\\x01'
+    >>> encode_weights([])[:4]          # magic, version; then the deflated header section, ..., CRC-32
+    b'CQW\\x03'
     """
     records = _check_all(records, validate_record)
     raw, encodings = _header_section(records)
-    out = bytearray(_file_header(raw, records))
+    out = bytearray(_file_header(raw))
     for r, enc in zip(records, encodings):
         out += _payload(r, enc)
+    out += zlib.crc32(out).to_bytes(CHECKSUM_BYTES, "little")
     return bytes(out)
 
 

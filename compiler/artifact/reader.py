@@ -1,10 +1,11 @@
-r"""Reader of compressc weights files (format versions 1 and 2), using only torch and the standard library.
+r"""Reader of compressc weights files (format versions 1 to 3), using only torch and the standard library.
 
 This module's source text is copied verbatim into generated ``model.py`` files, so it imports nothing but
 torch and the standard library (``os``, ``zlib``, ``typing``; a test parses it to make sure). The byte
 layout is in docs/artifact.md ("Weights file format"); the writer is ``compressc.artifact.container``.
 Little-endian throughout (as the hosts torch runs on). Version 2 adds float8 scales (kind-byte bit 3);
-a writer stamps version 1 on files that do not use them.
+version 3 (what the writer writes) adds a CRC-32 of the whole file in its last four bytes, checked
+before anything is parsed, so a truncated or altered file is refused instead of decoded.
 
 ``load_weights(path_or_bytes)`` returns ``{name: float32 tensor}`` in file order, dequantized and with
 sparse tensors expanded (removed values are +0.0). With ``keep_int8=True``, uniformly quantized records
@@ -17,9 +18,13 @@ come back as ``QuantizedWeight`` tuples instead, whose ``dequantize()`` equals t
 ...           b"\x00"             # kind byte: float32, no mask
 ...           b"\x01\x02")        # ndim 1, shape (2,)
 >>> packed = zlib.compress(header, wbits=-15)                 # raw deflate
->>> blob = b"CQW\x01" + bytes([len(packed)]) + packed + struct.pack("<2f", 1.5, -2.0)
+>>> blob = b"CQW\x03" + bytes([len(packed)]) + packed + struct.pack("<2f", 1.5, -2.0)
+>>> blob += struct.pack("<I", zlib.crc32(blob))               # version 3: the CRC-32 of all before it
 >>> load_weights(blob)
 {'w': tensor([ 1.5000, -2.0000])}
+>>> load_weights(blob[:-1])
+Traceback (most recent call last):
+ValueError: damaged weights file: its checksum does not match its content ...
 """
 
 import os
@@ -28,10 +33,11 @@ from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
 
-__all__ = ["load_weights", "QuantizedWeight", "WEIGHTS_MAGIC", "WEIGHTS_VERSION"]
+__all__ = ["load_weights", "QuantizedWeight", "WEIGHTS_MAGIC", "WEIGHTS_VERSION", "CHECKSUM_BYTES"]
 
 WEIGHTS_MAGIC = b"CQW"
-WEIGHTS_VERSION = 2  # the newest version this reader reads (it reads 1 too)
+WEIGHTS_VERSION = 3  # the newest version this reader reads (it reads 1 and 2 too), and the one written
+CHECKSUM_BYTES = 4  # version 3: CRC-32 (zlib.crc32, little-endian) of every byte before it
 
 
 def _e4m3_values() -> torch.Tensor:
@@ -253,7 +259,8 @@ def load_weights(
     Raises
     ------
     ValueError
-        Not a weights file, an unknown version, or a truncated / corrupt file.
+        Not a weights file, an unknown version, a checksum that does not match (version 3), or a
+        truncated / corrupt file.
 
     >>> load_weights(b"PK\x03\x04")
     Traceback (most recent call last):
@@ -269,6 +276,12 @@ def load_weights(
     if not 1 <= data[3] <= WEIGHTS_VERSION:
         raise ValueError(f"weights file format version {data[3]} is not supported (this reader: 1 to "
                          f"{WEIGHTS_VERSION}); load it with the compressc version that wrote it")
+    if data[3] >= 3:
+        if len(data) < 4 + CHECKSUM_BYTES or zlib.crc32(memoryview(data)[:-CHECKSUM_BYTES]) != int.from_bytes(
+                data[-CHECKSUM_BYTES:], "little"):
+            raise ValueError("damaged weights file: its checksum does not match its content (the file was truncated "
+                             "or changed after compressc wrote it); compress the model again, or restore the file")
+        del data[-CHECKSUM_BYTES:]
     cur = _Cursor(data)
     cur.pos = 4
     out: Dict[str, Union[torch.Tensor, QuantizedWeight]] = {}
