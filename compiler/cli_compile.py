@@ -20,6 +20,7 @@ from compressc.cli import main
 from compressc.console import format_bytes, format_count
 from compressc.errors import UserError
 from compressc.frontends.loader import load_model_file
+from compressc.solvers.base import get_solver
 from compressc.spec import Spec
 
 __all__ = ["compile_command", "default_output_dir"]
@@ -41,11 +42,16 @@ def default_output_dir(model_file: Path) -> Path:
 @click.option("--finetune-epochs", type=int, help="Epochs of distillation fine-tuning (needs train_loader).")
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to measure and fine-tune.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads torch may use [what torch picks].")
+@click.option("--best-effort", is_flag=True,
+              help="Write the result even if it breaks --max-accuracy-drop (with a warning; exit code 0).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
-                    finetune_epochs, seed, device, as_json: bool, force: bool) -> None:
+                    finetune_epochs, seed, device, threads, best_effort: bool, as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
+    import torch
+
     import compressc
 
     spec = Spec.from_toml(spec_file) if spec_file is not None else Spec()
@@ -59,6 +65,9 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     if out.resolve() == model_file.resolve():
         raise UserError(f"output {out} would overwrite the model file", hint="choose another -o directory")
     check_output_dir(out, force=force)  # before any work: a path that cannot be written fails now, not at the end
+    get_solver(spec.solver, **spec.solver_options)  # an unknown solver or a bad option fails now, too
+    if threads is not None:
+        torch.set_num_threads(threads)
     err = Console(stderr=True)
     mf = load_model_file(model_file)
     if spec.finetune.epochs > 0 and mf.train_loader is None:
@@ -66,7 +75,7 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     result = compressc.compile(
         mf.module, mf.example_inputs, spec=spec, evaluate=mf.evaluate, train_loader=mf.train_loader,
         calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn, progress=err.is_terminal,
-        log=lambda msg: err.print(f"[dim]compressc:[/] {msg}"),
+        log=lambda msg: err.print(f"[dim]compressc:[/] {msg}"), best_effort=best_effort,
     )
     report = dict(result.report, model_file=str(model_file))
     if result.report.get("noop"):
@@ -78,6 +87,10 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
         return
     result.report = report
     info = result.save(out, force=force)
+    if report.get("accuracy_floor_met") is False:  # only with --best-effort: a miss raises otherwise
+        err.print(f"[bold red]warning:[/] the result breaks the accuracy floor (--max-accuracy-drop "
+                  f"{report['spec']['max_accuracy_drop']:g}): evaluate() {report['original']['accuracy']:.4f} -> "
+                  f"{report['compressed']['accuracy']:.4f}; written anyway because of --best-effort", highlight=False)
     if as_json:
         click.echo(json.dumps(dict(report, weights_bytes=info.weights_bytes, model_py_bytes=info.model_py_bytes,
                                    output=str(info.directory)), indent=2, default=str))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -36,11 +37,27 @@ from compressc.problem import Budget, Problem
 from compressc.solvers.base import get_solver
 from compressc.spec import Spec
 
-__all__ = ["compile", "CompileResult", "BudgetError"]
+__all__ = ["compile", "CompileResult", "BudgetError", "AccuracyFloorError", "AccuracyFloorWarning"]
 
 
 class BudgetError(UserError):
     """The targets cannot be met by any plan the spec allows."""
+
+
+class AccuracyFloorError(UserError):
+    """The compressed model breaks ``max_accuracy_drop``. ``result`` holds it anyway (its report says
+    ``accuracy_floor_met: false``), for a caller who wants to look at it or save it. Exit code 3 on the
+    CLI: the request was valid, the result misses it."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, hint: str | None = None, result: CompileResult | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.result = result
+
+
+class AccuracyFloorWarning(UserWarning):
+    """``compile(..., best_effort=True)`` kept a result that breaks ``max_accuracy_drop``."""
 
 
 @dataclass
@@ -111,12 +128,15 @@ def compile(
     cache_dir=None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    best_effort: bool = False,
 ) -> CompileResult:
     """Compress ``model`` to the targets and return the compact model with its report.
 
     Arguments given here override ``spec``'s (the CLI passes its flags the same way). ``model`` is
     never changed: compressc works on a copy in eval mode (a no-op result's ``module`` is that copy),
-    and ``evaluate`` receives copies too. Raises
+    and ``evaluate`` receives copies too. When the result breaks ``max_accuracy_drop``, raises
+    ``AccuracyFloorError`` (which carries the result), unless ``best_effort`` is set: then the result
+    is returned with an ``AccuracyFloorWarning``. Raises
     ``UserError`` subclasses for requests no plan can meet (with the achievable minimum), and
     ``SpecError`` / ``SizeError`` for bad values.
     """
@@ -133,6 +153,7 @@ def compile(
                         hint="set remove_layers = false; channel pruning, sparsity and bit-widths are available")
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device = 'cuda' but torch sees no CUDA device", hint="use --device cpu")
+    solver_impl = get_solver(spec.solver, **spec.solver_options)  # bad solver options fail before any work
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     torch.manual_seed(spec.seed)
@@ -143,6 +164,9 @@ def compile(
     original_bytes = predict_bytes(graph, Plan())
     budget = Budget(bytes=spec.target_bytes(totals.weight_bytes), flops=spec.target_flops_value(totals.flops))
     timings = {"trace_s": time.perf_counter() - t0}
+    if spec.max_accuracy_drop is not None and evaluate is None:
+        raise BudgetError("max_accuracy_drop needs an evaluate(model) function in the model file",
+                          hint="add evaluate(model) -> float to the model file, or drop --max-accuracy-drop")
     accuracy_before = _evaluate(evaluate, model, "on the original model")
     report: dict[str, Any] = {
         "spec": spec.to_dict(), "solver": spec.solver, "seed": spec.seed,
@@ -186,8 +210,7 @@ def compile(
             hint="raise --target-flops, or allow lower keep ratios (channel pruning reduces FLOPs; bits do not)",
         )
     if budget.bytes is None and budget.flops is None:  # accuracy-only target: the smallest that keeps it
-        budget = _accuracy_budget(problem, graph, spec, evaluate, accuracy_before, say)
-    solver_impl = get_solver(spec.solver, **spec.solver_options)
+        budget = _accuracy_budget(problem, graph, solver_impl, spec, evaluate, accuracy_before, say)
     if budget.flops is not None and "flops" not in type(solver_impl).capabilities:
         raise BudgetError(f"solver {spec.solver!r} does not honour FLOPs budgets",
                           hint="use a solver with the 'flops' capability (uniform, greedy, convex), or drop target_flops")
@@ -239,9 +262,26 @@ def compile(
         recovery=recovery.to_dict(),
         timings={k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()},
     )
-    if spec.max_accuracy_drop is not None and accuracy_before is not None and accuracy_after is not None:
-        report["accuracy_floor_met"] = accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12
-    return CompileResult(compact.module, plan, report, compact)
+    result = CompileResult(compact.module, plan, report, compact)
+    if spec.max_accuracy_drop is not None:
+        _check_floor(result, accuracy_before, accuracy_after, spec.max_accuracy_drop, best_effort, say)
+    return result
+
+
+def _check_floor(result: CompileResult, before: float, after: float, allowed: float, best_effort: bool, say) -> None:
+    """Record whether the accuracy floor holds; a miss raises, or with ``best_effort`` warns loudly."""
+    met = before - after <= allowed + 1e-12
+    result.report["accuracy_floor_met"] = met
+    if met:
+        return
+    message = (f"accuracy floor missed: evaluate() fell from {before:.4f} to {after:.4f}, a drop of "
+               f"{before - after:.4f} where at most {allowed:.4f} is allowed")
+    if not best_effort:
+        raise AccuracyFloorError(message, result=result,
+                                 hint="allow a larger size or drop, fine-tune (--finetune-epochs), or pass --best-effort "
+                                      "to keep this result anyway")
+    say(f"warning: {message} (kept: best effort)")
+    warnings.warn(message, AccuracyFloorWarning, stacklevel=3)
 
 
 def _objective(problem: Problem, plan: Plan) -> float | None:
@@ -249,14 +289,10 @@ def _objective(problem: Problem, plan: Plan) -> float | None:
     return None if choice is None else problem.objective(choice)
 
 
-def _accuracy_budget(problem: Problem, graph: Graph, spec: Spec, evaluate, accuracy_before, say) -> Budget:
+def _accuracy_budget(problem: Problem, graph: Graph, solver_impl, spec: Spec, evaluate, accuracy_before, say) -> Budget:
     """Bisect a byte budget: the smallest whose plan (without fine-tuning) keeps the accuracy floor."""
-    if evaluate is None or accuracy_before is None:
-        raise BudgetError("max_accuracy_drop needs an evaluate(model) function in the model file",
-                          hint="add evaluate(model) -> float to the model file, or give --target-size")
     from compressc.passes.lowering.compact import lower
 
-    solver_impl = get_solver(spec.solver, **spec.solver_options)
     lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
     best = hi
     for _ in range(8):

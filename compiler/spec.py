@@ -184,11 +184,13 @@ def _flops(v: Any, *, reference: int | None, key: Key) -> int:
 
 
 def _accuracy_drop(v: Any, key: Key) -> float:
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", v)
+    if isinstance(v, str):  # "1%", or a number written as text ("0.01", as the command line passes it)
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%?)\s*", v)
         if not m:
             raise SpecError(f"cannot read {_show(v)} as an accuracy drop", key=key,
                             hint='write a drop of the evaluate() score like 0.01, or a percentage like "1%"')
+        if not m[2]:
+            return _float(float(m[1]), key, 0, 1)
         if float(m[1]) > 100:
             raise SpecError(f"{_show(v)} is out of range; allowed: 0% to 100%", key=key)
         return float(m[1]) / 100

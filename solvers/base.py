@@ -58,8 +58,27 @@ def available_solvers() -> list[str]:
     return sorted(_registry())
 
 
+def _options_of(cls) -> str:
+    import inspect
+
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return "(not introspectable; see its documentation)"
+    named = [f"{p.name}={p.default!r}" for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and p.default is not p.empty]
+    return ", ".join(named) or "none"
+
+
 def get_solver(name: str, **options) -> Solver:
-    """An instance of the solver registered as ``name``, configured with ``options``."""
+    """An instance of the solver registered as ``name``, configured with ``options`` (the spec's
+    ``[solver_options]``); ``SolverError`` names the options it takes when one is wrong.
+
+    >>> get_solver("uniform", max_iters=200)
+    Traceback (most recent call last):
+    compressc.solvers.base.SolverError: solver_options: solver 'uniform' does not take ['max_iters']: ...
+      hint: options 'uniform' takes: levels=64
+    """
     registry = _registry()
     if name not in registry:
         close = difflib.get_close_matches(name, registry, n=1)
@@ -71,7 +90,8 @@ def get_solver(name: str, **options) -> Solver:
     try:
         solver = cls(**options)
     except TypeError as e:
-        raise SolverError(f"solver {name!r}: bad options {sorted(options)}: {e}") from None
+        raise SolverError(f"solver_options: solver {name!r} does not take {sorted(options)}: {e}",
+                          hint=f"options {name!r} takes: {_options_of(cls)}") from None
     if not isinstance(solver, Solver):
         raise SolverError(f"entry point {name!r} does not provide a solver (name, capabilities, solve)")
     return solver

@@ -223,3 +223,82 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path, output
     assert says in res.output and "Traceback" not in res.output
     assert not marker.exists()  # refused before the model file was even loaded
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+FIDELITY = MODEL_FILE + """
+_x = torch.randn(16, 1, 8, 8)
+with torch.no_grad():
+    _reference = model.eval()(_x)
+def evaluate(m):  # 1.0 for the original model; any lossy compression scores less
+    with torch.no_grad():
+        return 1.0 - (m(_x) - _reference).abs().mean().item()
+"""
+
+
+def test_a_missed_accuracy_floor_is_loud_exit_3_and_writes_nothing(tmp_path):
+    model = _write(tmp_path, FIDELITY)
+    res = CliRunner().invoke(main, [str(model), "--target-size", "10%", "--max-accuracy-drop", "0", "--solver", "greedy"])
+    assert res.exit_code == 3, res.output
+    assert "accuracy floor missed" in res.output and "--best-effort" in res.output
+    assert not (tmp_path / "net.compressc").exists()
+
+
+def test_best_effort_writes_a_missed_floor_with_a_warning(tmp_path):
+    model = _write(tmp_path, FIDELITY)
+    res = CliRunner().invoke(main, [str(model), "--target-size", "10%", "--max-accuracy-drop", "0", "--solver", "greedy",
+                                    "--best-effort"])
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.stderr and "breaks the accuracy floor" in res.stderr
+    report = json.loads((tmp_path / "net.compressc" / "report.json").read_text())
+    assert report["accuracy_floor_met"] is False
+
+
+def test_the_library_raises_on_a_missed_floor_with_the_result_attached_or_warns_with_best_effort():
+    from compressc.driver import AccuracyFloorError, AccuracyFloorWarning
+
+    ns: dict = {}
+    exec(textwrap.dedent(FIDELITY), ns)
+    args = (ns["model"], (ns["example_input"],))
+    kwargs = dict(target_size="10%", max_accuracy_drop=0.0, evaluate=ns["evaluate"], solver="greedy", progress=False)
+    with pytest.raises(AccuracyFloorError, match="accuracy floor missed") as err:
+        compressc.compile(*args, **kwargs)
+    assert err.value.result.report["accuracy_floor_met"] is False and err.value.exit_code == 3
+    with pytest.warns(AccuracyFloorWarning, match="accuracy floor missed"):
+        result = compressc.compile(*args, **kwargs, best_effort=True)
+    assert result.report["accuracy_floor_met"] is False
+
+
+def test_an_accuracy_floor_without_evaluate_is_refused_before_any_work(tmp_path):
+    model = _write(tmp_path)
+    res = CliRunner().invoke(main, [str(model), "--target-size", "30%", "--max-accuracy-drop", "1%"])
+    assert res.exit_code == 2 and "needs an evaluate(model)" in res.output
+
+
+def test_threads_sets_torchs_thread_count_and_must_be_positive(tmp_path):
+    model = _write(tmp_path)
+    try:
+        res = _run(model, "--target-size", "50%", "--threads", "2", "-o", tmp_path / "o")
+        assert res.exit_code == 0 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)  # tests/conftest.py's setting
+    res = CliRunner().invoke(main, [str(model), "--target-size", "50%", "--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output
+
+
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = _write(tmp_path)
+    res = CliRunner().invoke(main, [str(model), "--target-size", "50%", "--device", "cuda"])
+    assert res.exit_code == 2 and "torch sees no CUDA device" in res.output and "--device cpu" in res.output
+    assert not (tmp_path / "net.compressc").exists()
+
+
+def test_bad_solver_options_fail_before_any_work(tmp_path):
+    marker = tmp_path / "model-file-was-loaded"
+    model = _write(tmp_path, MODEL_FILE + f"open({str(marker)!r}, 'w').close()\n")
+    spec = tmp_path / "compress.toml"
+    spec.write_text('target_size = "30%"\nsolver = "convex"\n[solver_options]\nmax_iters = 200\n')
+    res = CliRunner().invoke(main, [str(model), "--spec", str(spec)])
+    assert res.exit_code == 2, res.output
+    assert "does not take ['max_iters']" in res.output and "polish_rounds=4" in res.output
+    assert not marker.exists()

@@ -81,6 +81,9 @@ def test_targets_resolve_against_the_original():
     assert Spec(target_flops="50%").target_flops_value(reference_flops=3_000) == 1_500
     assert Spec(target_flops="4x").target_flops_value(reference_flops=3_000) == 750
     assert Spec(max_accuracy_drop="1%").max_accuracy_drop == 0.01 == Spec(max_accuracy_drop=0.01).max_accuracy_drop
+    assert Spec(max_accuracy_drop="0.01").max_accuracy_drop == 0.01  # the command line passes text
+    with pytest.raises(SpecError, match=r"max_accuracy_drop: 2\.0 is out of range; allowed: \[0, 1\]"):
+        Spec(max_accuracy_drop="2")
 
 
 @pytest.mark.parametrize("text,expected", [("150M", 150 * 10**6), ("1.2G", 12 * 10**8), ("2T", 2 * 10**12),
