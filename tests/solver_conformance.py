@@ -12,8 +12,9 @@ In the manner of optuna's ``pytest_samplers``: subclass ``SolverConformance`` an
 A solver passes when, on separable (``Problem.from_table``) and coupled problems (keep knobs that scale
 several tensors, ``tensor_costs`` describing them, an exact ``bytes_of`` that also counts what the
 formula leaves out), for every budget from the minimum to above the maximum: it returns a ``Plan``
-that some choice of options produces, that choice fits the exact bytes (and FLOPs) budget, the same
-seed gives the same plan, single-option knobs (per-layer rules) keep their option, ``name`` and
+that some choice of options produces, that choice fits the exact bytes (and FLOPs) budget, it uses a
+roomy budget (no worse than relaxing one knob of the most compressed plan), the same seed gives the
+same plan, single-option knobs (per-layer rules) keep their option, ``name`` and
 ``capabilities`` are class constants, and ``get_solver(name)`` finds it.
 
 The problem builders (``separable_problem``, ``coupled_problem``, ``budgets``) and ``choice_of`` are
@@ -262,6 +263,29 @@ class SolverConformance:
         lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
         budget = Budget(bytes=int(lo + q * (hi - lo)))
         self.assert_fits(problem, budget, self.solve(problem, budget, seed=seed))
+
+    # -- using the budget ------------------------------------------------------------------------
+    def assert_uses_the_budget(self, problem: Problem, budget: Budget, plan: Plan) -> None:
+        """The plan is no worse than the best plan one knob away from the most compressed one: a solver
+        that falls back to the most compressed plan (far below a roomy budget) fails this."""
+        choice = self.assert_fits(problem, budget, plan)
+        base = problem.most_compressed()
+        relaxed = [c for j, knob in enumerate(problem.knobs) for i in range(len(knob.options))
+                   if problem.feasible(c := base[:j] + (i,) + base[j + 1:], budget)]
+        best = min(relaxed, key=problem.objective)
+        assert problem.objective(best) < problem.objective(base), "the check needs a budget with room to use"
+        assert problem.objective(choice) <= problem.objective(best) + 1e-12, (
+            f"objective {problem.objective(choice):.4g} with {problem.bytes(choice):,} of {budget.bytes:,} bytes, "
+            f"but relaxing one knob of the most compressed plan gives {problem.objective(best):.4g} "
+            f"with {problem.bytes(best):,} bytes")
+
+    @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))
+    def test_uses_its_budget(self, problem_name):
+        problem = PROBLEMS[problem_name]()
+        lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+        for q in (.2, .5, .8):
+            budget = Budget(bytes=int(lo + q * (hi - lo)))
+            self.assert_uses_the_budget(problem, budget, self.solve(problem, budget))
 
     # -- determinism and rules -------------------------------------------------------------------
     @pytest.mark.parametrize("problem_name", sorted(PROBLEMS))

@@ -368,5 +368,29 @@ def test_docs_examples_are_valid_specs():
     for block in blocks:
         spec = Spec.from_dict(tomllib.loads(block), source="docs/spec.md")
         assert spec.has_target
-    for line in re.findall(r"^compress\.toml:\d+: (\S+): ", text, re.M):
-        assert line  # the error samples in the docs name a key path
+
+
+# Each error sample in docs/spec.md, and a compress.toml that produces it.
+ERROR_SAMPLES = {
+    "compress.toml:5: actions.bits[2]": 'target_size = "20KB"\n\n\n[actions]\nbits = [2, 4, 9]\n',
+    'compress.toml:12: rules."classifier.*".bitz': 'target_size = "20KB"\n' + "\n" * 9 + '[rules."classifier.*"]\nbitz = 8\n',
+    "compress.toml:10: finetune.target_size": "\n" * 8 + '[finetune]\ntarget_size = "20KB"\n',
+    "compress.toml:1: lr": "lr = 0.01\n",
+    "compress.toml:9: finetune.epochs": "\n" * 7 + "[finetune]\nepochs = -1\n",
+    "compress.toml:1: target_size": 'target_size = "4MBs"\n',
+    "compress.toml:5: invalid TOML": "\n" * 4 + "bits = [2 4]\n",
+}
+
+
+def test_the_docs_error_samples_are_what_compressc_prints(tmp_path):
+    text = (ROOT / "docs" / "spec.md").read_text()
+    samples = re.findall(r"^(compress\.toml:\d+: .*)$", text, re.M)
+    assert len(samples) == len(ERROR_SAMPLES)
+    for sample in samples:
+        where = next(k for k in ERROR_SAMPLES if sample.startswith(k + ":"))
+        path = tmp_path / "compress.toml"
+        path.write_text(ERROR_SAMPLES[where])
+        with pytest.raises(SpecError) as err:
+            Spec.from_toml(path)
+        printed = str(err.value).splitlines()[0].replace(str(path), "compress.toml")
+        assert printed == sample or (sample.endswith("...") and printed.startswith(sample[:-3])), (printed, sample)
