@@ -15,7 +15,7 @@ from compressc.driver import BudgetError
 from compressc.passes.lowering.compact import PlanError, finalize, predict_bytes, prepare
 from compressc.plan import LayerSettings, Plan
 from compressc.problem import Budget
-from compressc.solvers.base import available_solvers
+from compressc.solvers.base import available_solvers, get_solver
 
 
 def _net() -> nn.Module:
@@ -132,3 +132,23 @@ def test_five_overshoots_are_a_budget_error(monkeypatch):
     _forced(monkeypatch, misses=5, wide=True)
     with pytest.raises(BudgetError, match="after 5 attempts"):
         compressc.compile(_net(), (torch.randn(2, 1, 8, 8),), target_size="30%", solver="greedy", progress=False)
+
+
+FLOPS_SOLVERS = [name for name in available_solvers() if "flops" in type(get_solver(name)).capabilities]
+
+
+@pytest.mark.parametrize("solver", FLOPS_SOLVERS)
+def test_a_flops_target_end_to_end_is_met_by_the_lowered_modules_measured_flops(solver):
+    model = _net()
+    x = torch.randn(2, 1, 8, 8)
+    original = compressc.trace(model, (x,)).totals().flops
+    target = math.floor(0.6 * original)
+    result = compressc.compile(model, (x,), target_flops="60%", solver=solver, progress=False)
+    measured = compressc.trace(result.module, (x,)).totals().flops  # the lowered module, traced afresh
+    g = compressc.trace(model, (x,))
+    predicted = compressc.predict_cost(g, result.plan.channels).flops  # what the solver budgeted
+    pruned = compressc.trace(compressc.prune_channels(g, result.plan.channels), (x,)).totals().flops
+    assert result.report["target_flops"] == target
+    assert measured <= predicted <= target
+    assert predicted == pruned  # invariant 3 for FLOPs: exact for the pruned module; lowering then folds
+    assert result.report["compressed"]["flops"] == measured  # BatchNorm away, so it measures a little less
