@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 
 from compressc.errors import UserError
 from compressc.units import SizeError, parse_size
+from compressc.units import parse_flops as units_parse_flops
 
 __all__ = ["Spec", "Actions", "Finetune", "LayerRule", "ResolvedRule", "SpecError", "parse_flops",
            "ALLOWED_BITS", "SPARSITY_KINDS", "QUANT_SCHEMES", "DEVICES"]
@@ -37,8 +38,6 @@ QUANT_SCHEMES = ("symmetric", "asymmetric", "codebook")
 DEVICES = ("cpu", "cuda")
 MAX_SEED = 2**32 - 1
 _ANY_REFERENCE = 10**18  # checks the syntax of a relative target without knowing the original
-_SI = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_KEY = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
 
@@ -170,17 +169,20 @@ def _relative_or_absolute(parse: Callable[..., int], what: str, example: str) ->
     return check
 
 
-def _size(v: Any, *, reference: int | None, key: Key) -> int:
-    try:
-        return parse_size(v, reference=reference, what=_fmt_key(key))
-    except SizeError as e:
-        relative = reference is None and "relative" in e.message
-        hint = "pass the original model's fp32 weight bytes as the reference" if relative else e.hint
-        raise SpecError(e.message.removeprefix(f"{_fmt_key(key)}: "), key=key, hint=hint) from None
+def _budget(parse: Callable[..., int], reference_hint: str) -> Callable[..., int]:
+    """A parser of ``compressc.units`` with its ``SizeError`` turned into a ``SpecError`` at ``key``."""
+    def check(v: Any, *, reference: int | None, key: Key) -> int:
+        try:
+            return parse(v, reference=reference, what=_fmt_key(key))
+        except SizeError as e:
+            relative = reference is None and "relative" in e.message
+            raise SpecError(e.message.removeprefix(f"{_fmt_key(key)}: "), key=key,
+                            hint=reference_hint if relative else e.hint) from None
+    return check
 
 
-def _flops(v: Any, *, reference: int | None, key: Key) -> int:
-    return parse_flops(v, reference=reference, what=_fmt_key(key))
+_size = _budget(parse_size, "pass the original model's fp32 weight bytes as the reference")
+_flops = _budget(units_parse_flops, "pass the original model's FLOPs as the reference")
 
 
 def _accuracy_drop(v: Any, key: Key) -> float:
@@ -584,37 +586,12 @@ class Spec:
 
 # -- FLOPs -----------------------------------------------------------------------------------------------
 def parse_flops(text: str | int | float, *, reference: int | None = None, what: str = "target_flops") -> int:
-    """FLOPs meant by ``text``: a number with an optional SI suffix (``k``, ``M``, ``G``, ``T``: powers
-    of 1000, any case, optionally followed by ``FLOPs``), or relative to ``reference`` like sizes:
-    ``50%`` of it, or ``4x`` fewer. Rounds down.
+    """``compressc.units.parse_flops`` with its errors as ``SpecError`` naming the key ``what``.
 
-    >>> parse_flops("150M"), parse_flops("1.2G"), parse_flops(3e8), parse_flops("4x", reference=1000)
-    (150000000, 1200000000, 300000000, 250)
+    >>> parse_flops("150M"), parse_flops("4x", reference=1000)
+    (150000000, 250)
     """
-    key = (what,)
-    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise _expected(text, key, 'a FLOP count ("150M", "1.2G", 3e8, "50%" or "4x")')
-    m = _NUMBER.match(text if isinstance(text, str) else repr(text))
-    if not m:
-        raise SpecError(f"cannot read {_show(text)} as a FLOP count", key=key,
-                        hint='write a number with an optional suffix: 150M, 1.2G, 3e8, 50% or 4x')
-    number, unit = float(m[1]), m[2].lower()
-    unit = unit[:-5] if unit.endswith("flops") else unit
-    if unit in ("%", "x"):
-        if reference is None:
-            raise SpecError(f"{_show(text)} is relative, but there is no original FLOP count to relate it to",
-                            key=key, hint="pass the original model's FLOPs as the reference")
-        if number <= 0 or (unit == "%" and number > 100) or (unit == "x" and number < 1):
-            raise SpecError(f"{_show(text)} must be in (0, 100]% or a ratio >= 1x", key=key)
-        value = reference * number / 100 if unit == "%" else reference / number
-    elif unit in _SI:
-        value = number * _SI[unit]
-    else:
-        raise SpecError(f"unknown suffix {m[2]!r} in {_show(text)}", key=key,
-                        hint="suffixes: k, M, G, T (powers of 1000), % and x")
-    if not math.isfinite(value) or value <= 0:
-        raise SpecError(f"{_show(text)} must be a positive FLOP count", key=key)
-    return int(math.floor(value + 1e-9))
+    return _flops(text, reference=reference, key=(what,))
 
 
 # -- dict layout -> Spec ---------------------------------------------------------------------------------
