@@ -48,6 +48,23 @@ class Knob:
         if len(self.options) != len(self.distortion) or not self.options:
             raise ValueError(f"knob {self.key}: options and distortion must be non-empty and of equal length")
 
+    @functools.cached_property
+    def factors(self) -> tuple[float, ...]:
+        """What each option scales its tensors' size by: the kept fraction of the group (``keep``:
+        option / options[0]), ``bits / 32`` (``bits``), the density ``1 - sparsity`` (``sparsity``).
+
+        >>> Knob("bits:w", "bits", "w", (32, 8, 4), (0, .1, .2)).factors
+        (1.0, 0.25, 0.125)
+        """
+        o = [float(v) for v in self.options]
+        if self.kind == "keep":
+            return tuple(v / o[0] for v in o)
+        if self.kind == "bits":
+            return tuple(v / 32.0 for v in o)
+        if self.kind == "sparsity":
+            return tuple(1.0 - v for v in o)
+        raise ValueError(f"knob {self.key}: unknown kind {self.kind!r}; kinds are keep, bits and sparsity")
+
 
 @dataclass(frozen=True)
 class TensorCost:
@@ -65,6 +82,18 @@ class TensorCost:
     sparsity_knob: int | None = None
     per_row_bytes: float = 0.0
     macs: int = 0
+
+    def bytes(self, rows: float, cols: float, bits_factor: float, density: float) -> float:
+        """The formula above, with ``bits_factor = bits / 32`` (``Knob.factors`` of the bits knob).
+
+        >>> TensorCost("w", 1000, per_row_bytes=2.0).bytes(0.5, 1.0, 4 / 32, 1.0)   # 500 weights at 4 bits
+        251.0
+        """
+        return self.numel * rows * cols * (32.0 * bits_factor) / 8.0 * density + self.per_row_bytes * rows
+
+    def flops(self, rows: float, cols: float) -> float:
+        """The tensor's share of the FLOPs model: ``macs`` scaled by the kept rows and columns."""
+        return self.macs * rows * cols
 
 
 @dataclass(frozen=True)
@@ -135,6 +164,16 @@ class Problem:
                 return None
             choice.append(knob.options.index(value))
         return tuple(choice)
+
+    def tensor_factors(self, tc: TensorCost, choice: Sequence[int]) -> tuple[float, float, float, float]:
+        """``(rows, cols, bits_factor, density)`` of ``tc`` under ``choice``: the arguments of
+        ``tc.bytes``; a part of a dimension no listed knob covers keeps all its units."""
+        def kept(pairs):
+            return sum(w * self.knobs[k].factors[choice[k]] for k, w in pairs) + (1.0 - sum(w for _, w in pairs))
+
+        bits = 1.0 if tc.bits_knob is None else self.knobs[tc.bits_knob].factors[choice[tc.bits_knob]]
+        density = 1.0 if tc.sparsity_knob is None else self.knobs[tc.sparsity_knob].factors[choice[tc.sparsity_knob]]
+        return kept(tc.out_keep), kept(tc.in_keep), bits, density
 
     def objective(self, choice: Sequence[int]) -> float:
         self._check(choice)

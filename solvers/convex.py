@@ -38,39 +38,17 @@ from compressc.plan import Plan
 from compressc.problem import Budget, Choice, Problem, TensorCost
 from compressc.solvers.base import SolverError
 
-__all__ = ["ConvexSolver", "factors", "tensor_factors", "tensor_bytes"]
+__all__ = ["ConvexSolver"]
 
 _TOL = 1e-12
 
 
 # -- what a knob does to its tensors (shared with the MILP reference) -----------------------------------
-def factors(knob) -> np.ndarray:
-    """The factor each option scales its tensors by: kept fraction, ``bits / 32``, density."""
-    o = np.asarray(knob.options, dtype=float)
-    factor = {"keep": lambda: o / o[0], "bits": lambda: o / 32.0, "sparsity": lambda: 1.0 - o}.get(knob.kind)
-    if factor is None:
-        raise SolverError(f"knob {knob.key}: unknown kind {knob.kind!r}", hint="kinds are keep, bits and sparsity")
-    return factor()
-
-
 def _linear(pairs: Sequence[tuple[int, float]]) -> list[tuple[float, int | None]]:
     """``rows = sum(w * fraction)``; a part of the dimension no knob covers stays whole (``None``)."""
     terms = [(float(w), int(k)) for k, w in pairs]
     rest = 1.0 - sum(w for w, _ in terms)
     return terms + [(rest, None)] if rest > 1e-9 or not terms else terms
-
-
-def tensor_factors(problem: Problem, tc: TensorCost, choice: Sequence[int]) -> tuple[float, float, float, float]:
-    """``(rows, cols, bits, density)`` of one tensor under ``choice``, as the relaxation sees them."""
-    f = lambda k: float(factors(problem.knobs[k])[choice[k]])  # noqa: E731
-    frac = lambda pairs: sum(w * (1.0 if k is None else f(k)) for w, k in _linear(pairs))  # noqa: E731
-    bits = 32.0 if tc.bits_knob is None else float(problem.knobs[tc.bits_knob].options[choice[tc.bits_knob]])
-    return frac(tc.out_keep), frac(tc.in_keep), bits, 1.0 if tc.sparsity_knob is None else f(tc.sparsity_knob)
-
-
-def tensor_bytes(tc: TensorCost, rows: float, cols: float, bits: float, density: float) -> float:
-    """The relaxation's bytes of one tensor (``TensorCost``'s formula)."""
-    return tc.numel * rows * cols * bits / 8.0 * density + tc.per_row_bytes * rows
 
 
 # -- units: the decisions the solver actually makes ---------------------------------------------------
@@ -100,7 +78,7 @@ def _units(problem: Problem) -> _Units:
     options, dist, logf = [], [], []
     for m in members:
         opts = np.array(list(itertools.product(*[range(len(problem.knobs[k].options)) for k in m])))
-        f = np.prod([factors(problem.knobs[k])[opts[:, j]] for j, k in enumerate(m)], axis=0)
+        f = np.prod([np.asarray(problem.knobs[k].factors)[opts[:, j]] for j, k in enumerate(m)], axis=0)
         d = np.sum([np.asarray(problem.knobs[k].distortion, float)[opts[:, j]] for j, k in enumerate(m)], axis=0)
         if problem.tensor_costs:
             no_worse = (f[None, :] <= f[:, None]) & (d[None, :] <= d[:, None])

@@ -58,7 +58,7 @@ class _Estimate:
         for ti, t in enumerate(self.costs):
             for j in _knobs_of(t):
                 self.users[j].append(ti)
-        self.values = [self._values(problem, j) for j in range(len(knobs))]
+        self.values = [knob.factors for knob in knobs]
         exact, c0 = _exact(problem, resource), problem.uncompressed()
         x0 = exact(c0)
         self.probe = {j: [exact(c0[:j] + (k,) + c0[j + 1:]) - x0 for k in range(len(knob.options))]
@@ -69,26 +69,16 @@ class _Estimate:
         self.offset = x0 - self.scale * e0
         self.span = max(x0 - xmax, 1)
 
-    @staticmethod
-    def _values(problem: Problem, j: int) -> list[float]:
-        knob = problem.knobs[j]
-        if knob.kind == "keep":
-            units = len(problem.ranking.get(int(knob.target), ())) or float(knob.options[0])
-            return [float(v) / units for v in knob.options]
-        if knob.kind == "sparsity":
-            return [1.0 - float(v) for v in knob.options]
-        return [float(v) for v in knob.options]
-
     def tensor(self, t: TensorCost, c) -> float:
         def kept(pairs):  # a part of the dim no listed knob covers keeps all its units
             return sum(w * self.values[j][c[j]] for j, w in pairs) + (1.0 - sum(w for _, w in pairs))
 
         rows, cols = kept(t.out_keep), kept(t.in_keep)
         if self.resource == "flops":
-            return t.macs * rows * cols
-        bits = 32.0 if t.bits_knob is None else self.values[t.bits_knob][c[t.bits_knob]]
+            return t.flops(rows, cols)
+        bits = 1.0 if t.bits_knob is None else self.values[t.bits_knob][c[t.bits_knob]]
         density = 1.0 if t.sparsity_knob is None else self.values[t.sparsity_knob][c[t.sparsity_knob]]
-        return t.numel * rows * cols * bits / 8 * density + t.per_row_bytes * rows
+        return t.bytes(rows, cols, bits, density)
 
     def total(self, c) -> float:
         return sum(self.tensor(t, c) for t in self.costs) + sum(p[c[j]] for j, p in self.probe.items())

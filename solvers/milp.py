@@ -3,7 +3,7 @@
 The byte cost of a tensor depends jointly on the knobs that touch it (its keep groups, bits and
 sparsity), so the product is linearised by enumeration: one binary ``z[t, config]`` per joint option
 of those knobs, tied to the knobs' option indicators ``x[k, i]`` by ``sum(z[t, config with k at i])
-== x[k, i]``. The costs are those of ``tensor_costs`` (``tensor_bytes`` / ``tensor_flops`` give
+== x[k, i]``. The costs are those of ``tensor_costs`` (``TensorCost.bytes`` / ``TensorCost.flops`` give
 them, ``fixed_bytes`` / ``fixed_flops`` the rest), so the optimum is exact exactly when the problem's
 costs are that sum. Enumeration grows with the product of the option counts per tensor: this is a
 reference for tests and for problems of a dozen layers, not a solver for real models.
@@ -26,22 +26,16 @@ import scipy.sparse as sp
 
 from compressc.problem import Budget, Choice, Problem, TensorCost
 from compressc.solvers.base import SolverError
-from compressc.solvers.convex import tensor_bytes as _model_bytes
-from compressc.solvers.convex import tensor_factors
 
 __all__ = ["exact_optimum"]
-
-
-def _model_flops(tc: TensorCost, rows: float, cols: float) -> float:
-    return tc.macs * rows * cols
 
 
 def exact_optimum(
     problem: Problem,
     budget: Budget,
     *,
-    tensor_bytes: Callable[[TensorCost, float, float, float, float], float] = _model_bytes,
-    tensor_flops: Callable[[TensorCost, float, float], float] = _model_flops,
+    tensor_bytes: Callable[[TensorCost, float, float, float, float], float] = TensorCost.bytes,
+    tensor_flops: Callable[[TensorCost, float, float], float] = TensorCost.flops,
     fixed_bytes: float | None = None,
     fixed_flops: float = 0.0,
     time_limit: float | None = None,
@@ -72,7 +66,7 @@ def exact_optimum(
             for pos, (k, i) in enumerate(zip(touch, config)):
                 choice[k] = i
                 consistency.append((int(starts[pos]) + i, nx + nz + j, 1))
-            r, c, b, d = tensor_factors(problem, tc, choice)
+            r, c, b, d = problem.tensor_factors(tc, choice)
             cost_b.append(tensor_bytes(tc, r, c, b, d))
             cost_f.append(tensor_flops(tc, r, c))
         for pos, k in enumerate(touch):

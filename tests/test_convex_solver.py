@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from compressc.plan import Plan
 from compressc.problem import Budget, Knob, Problem, TensorCost
 from compressc.solvers.base import Solver, get_solver
-from compressc.solvers.convex import ConvexSolver, tensor_bytes, tensor_factors
+from compressc.solvers.convex import ConvexSolver
 from compressc.solvers.milp import exact_optimum
 
 from .solver_conformance import FlopsConformance, SolverConformance
@@ -86,13 +86,14 @@ def synthetic(seed: int, layers: int, *, sparse_share: float = 0.5, residual: fl
     holder: dict[str, Problem] = {}
 
     def settings_of(plan: Plan) -> list[tuple[float, float, float, float]]:
-        return [tensor_factors(holder["p"], tc, choice_of(holder["p"], plan)) for tc in tcs]
+        return [holder["p"].tensor_factors(tc, choice_of(holder["p"], plan)) for tc in tcs]
 
     def bytes_of(plan: Plan) -> int:
         total = fixed
-        for tc, (r, c, b, d) in zip(tcs, settings_of(plan)):
+        for tc, (r, c, f, d) in zip(tcs, settings_of(plan)):
+            b = 32 * f  # bits
             if exact == "rounded":
-                total += math.ceil(tensor_bytes(tc, r, c, b, d))
+                total += math.ceil(tc.bytes(r, c, f, d))
             else:  # dense, or a bitmap plus the kept values, whichever is smaller; a 24-byte header
                 n = tc.numel * r * c
                 total += 24 + math.ceil(min(n * b / 8, n / 8 + n * d * b / 8) + tc.per_row_bytes * r * (b < 32))
@@ -118,7 +119,7 @@ def choice_of(problem: Problem, plan: Plan) -> tuple[int, ...]:
 
 
 def optimum(problem: Problem, budget: Budget):
-    return exact_optimum(problem, budget, tensor_bytes=lambda *a: math.ceil(tensor_bytes(*a)),
+    return exact_optimum(problem, budget, tensor_bytes=lambda *a: math.ceil(TensorCost.bytes(*a)),
                          tensor_flops=lambda tc, r, c: int(2 * tc.macs * r * c), fixed_flops=FIXED_FLOPS)
 
 
@@ -153,7 +154,7 @@ def brute_force(problem: Problem, budget: Budget) -> tuple[tuple[int, ...], floa
             choice = list(problem.uncompressed())
             for k, i in zip(touch, idx):
                 choice[k] = i
-            sub[idx] = math.ceil(tensor_bytes(tc, *tensor_factors(problem, tc, choice)))
+            sub[idx] = math.ceil(tc.bytes(*problem.tensor_factors(tc, choice)))
         total = total + axes(touch, sub)
     objective = sum(axes([k], np.asarray(knob.distortion)) for k, knob in enumerate(problem.knobs))
     best = np.unravel_index(np.argmin(np.where(total <= budget.bytes, objective, np.inf)), shape)
@@ -331,7 +332,7 @@ def resnet50_like(seed: int = 0) -> Problem:
     knobs_t = tuple(knobs)
 
     def bytes_of(plan: Plan) -> int:
-        return 10_000 + sum(math.ceil(tensor_bytes(tc, *tensor_factors(p, tc, choice_of(p, plan)))) for tc in tcs)
+        return 10_000 + sum(math.ceil(tc.bytes(*p.tensor_factors(tc, choice_of(p, plan)))) for tc in tcs)
 
     ranking = {i: tuple(range(k.options[0])) for i, k in enumerate(knobs) if k.kind == "keep"}
     p = Problem(knobs=knobs_t, bytes_of=bytes_of, ranking=ranking,
