@@ -32,18 +32,15 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from compressc.passes.lowering.quantize import (
+    Fitted,
     QuantizationError,
     QuantizedTensor,
     QuantSpec,
-    _decode,
-    _encode,
-    _fit,
-    _Fit,
-    _float_values,
-    _pack,
-    _prepare,
-    _unrows,
     dequantize,
+    fit,
+    float_values,
+    from_rows,
+    prepare_rows,
     quantize,
 )
 
@@ -79,17 +76,17 @@ class FakeQuantize(nn.Module):
         self.name = name
         self.freeze_scales = freeze_scales
         self.register_buffer("mask", None if mask is None else mask.detach().to(torch.bool).clone())
-        self._frozen: _Fit | None = None
+        self._frozen: Fitted | None = None
 
     def reset_scales(self) -> None:
         """Forget frozen scales: the next call fits the quantizer again."""
         self._frozen = None
 
     def _fit_for(self, weight: torch.Tensor):
-        x, keep, cd = _prepare(weight, self.spec, self.name, self.mask)
+        x, keep, cd = prepare_rows(weight, self.spec, self.name, self.mask)
         if self.freeze_scales and self._frozen is not None:
             return x, keep, cd, self._frozen
-        f = _fit(x, keep, self.spec, self.name)
+        f = fit(x, keep, self.spec, self.name)
         if self.freeze_scales:
             self._frozen = f
         return x, keep, cd, f
@@ -97,12 +94,12 @@ class FakeQuantize(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         keep = torch.ones_like(weight, dtype=torch.bool) if self.mask is None else self.mask
         if self.spec.is_float:
-            value = _float_values(weight, self.spec, self.name, self.mask)
+            value = float_values(weight, self.spec, self.name, self.mask)
             return value.to(weight.dtype) + (weight - weight.detach()) * keep
         x, _, cd, f = self._fit_for(weight)
-        codes, inside = _encode(x, f)
-        value = _unrows(_decode(codes, f), tuple(weight.shape), cd).to(weight.dtype)
-        grad_mask = keep & _unrows(inside, tuple(weight.shape), cd)
+        codes, inside = f.encode(x)
+        value = from_rows(f.decode(codes), tuple(weight.shape), cd).to(weight.dtype)
+        grad_mask = keep & from_rows(inside, tuple(weight.shape), cd)
         # value + 0: the forward value is exactly the dequantized weight; d(out)/d(weight) = grad_mask.
         return value + (weight - weight.detach()) * grad_mask
 
@@ -111,7 +108,7 @@ class FakeQuantize(nn.Module):
         if self.spec.is_float:
             return quantize(weight, self.spec, self.name, self.mask)
         x, _, cd, f = self._fit_for(weight)
-        return _pack(f, _encode(x, f)[0], tuple(weight.shape), cd, self.spec)
+        return f.pack(f.encode(x)[0], tuple(weight.shape), cd, self.spec)
 
     def extra_repr(self) -> str:
         return f"{self.spec}, masked={self.mask is not None}, freeze_scales={self.freeze_scales}"

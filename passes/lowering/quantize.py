@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ from compressc.errors import UserError
 
 __all__ = [
     "QuantSpec", "QuantizedTensor", "QuantizationError", "quantize", "dequantize", "float8_grid", "CLIP_ALPHAS",
-    "FLOAT8_DEFAULT_MAX_BITS",
+    "FLOAT8_DEFAULT_MAX_BITS", "Fitted", "UniformFit", "CodebookFit", "FITS", "fit", "fitted_of", "prepare_rows",
+    "to_rows", "from_rows", "float_values",
 ]
 
 SCHEMES = ("symmetric", "asymmetric", "codebook")
@@ -234,7 +236,8 @@ def _check_quantized(q: QuantizedTensor) -> None:
 
 
 # -- layout: any tensor <-> rows (one per channel) -------------------------------------------------
-def _rows(t: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+def to_rows(t: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
+    """``t`` as a 2-D tensor with one row per index of ``channel_dim`` (one row when None)."""
     if channel_dim is None:
         return t.reshape(1, -1)
     n = t.shape[channel_dim]
@@ -242,15 +245,16 @@ def _rows(t: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
     return t.movedim(channel_dim, 0).reshape(n, rest)
 
 
-def _unrows(x: torch.Tensor, shape: tuple[int, ...], channel_dim: int | None) -> torch.Tensor:
+def from_rows(x: torch.Tensor, shape: tuple[int, ...], channel_dim: int | None) -> torch.Tensor:
+    """The inverse of ``to_rows``: rows back to a tensor of ``shape``."""
     if channel_dim is None:
         return x.reshape(shape)
     moved = (shape[channel_dim],) + shape[:channel_dim] + shape[channel_dim + 1 :]
     return x.reshape(moved).movedim(0, channel_dim)
 
 
-def _prepare(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None):
-    """Checks; returns (float64 rows with masked-out weights set to 0, keep rows or None, channel_dim)."""
+def prepare_rows(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None):
+    """Checks ``weight`` (and ``mask``) for ``spec``; returns (float64 rows with masked-out weights set to 0, keep rows or None, channel_dim)."""
     w = weight.detach()
     if not w.is_floating_point():
         raise QuantizationError(f"cannot quantize {name!r}: it is a {w.dtype} tensor, not a floating-point one")
@@ -279,8 +283,8 @@ def _prepare(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tenso
                 f"the mask of {name!r} has shape {tuple(mask.shape)} but the weight has {tuple(w.shape)}",
                 hint="pass a bool mask of the weight's shape (True = kept)",
             )
-        keep = _rows(mask.detach().to(device=w.device, dtype=torch.bool), cd)
-    x = _rows(w.to(_F64), cd)
+        keep = to_rows(mask.detach().to(device=w.device, dtype=torch.bool), cd)
+    x = to_rows(w.to(_F64), cd)
     if keep is not None:
         x = torch.where(keep, x, 0.0)
     return x, keep, cd
@@ -470,61 +474,115 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted((c[:-1] + c[1:]) / 2, x.contiguous())
 
 
-# -- the fitted quantizer, shared with fake_quant.py ----------------------------------------------
+# -- fitted quantizers: one class per scheme (fake_quant.py trains through them) ------------------------
+class Fitted(Protocol):
+    """A quantizer fitted to one tensor's rows (float64 torch tensors, one row per channel or one row
+    for the whole tensor): ``encode`` rows to codes, ``decode`` codes back, ``pack`` codes into the
+    ``QuantizedTensor`` the weights file stores. ``fit`` makes one for a ``QuantSpec``;
+    ``fitted_of`` recovers it from a ``QuantizedTensor``."""
+
+    bits: int
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 codes, bool "inside the representable range +- half a step") of the rows ``x``."""
+        ...
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+    def pack(self, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, spec: QuantSpec) -> QuantizedTensor: ...
+
+
 @dataclass(frozen=True, eq=False)
-class _Fit:
-    """A quantizer fitted to one tensor (float64 torch): ``scale``/``zero`` per row (and the float8
-    ``scale_base``), or ``codebook``."""
+class UniformFit:
+    """Symmetric or asymmetric: ``scale`` and ``zero`` (the zero point) per row, and the float8
+    ``scale_base`` when scales are stored as float8."""
 
     bits: int
     scheme: str
-    scale: torch.Tensor | None = None
-    zero: torch.Tensor | None = None
-    codebook: torch.Tensor | None = None
+    scale: torch.Tensor
+    zero: torch.Tensor
     scale_base: float | None = None
 
+    @classmethod
+    def fit(cls, x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> UniformFit:
+        scale, zero, base = _fit_uniform(x, spec, name)
+        return cls(spec.bits, spec.scheme, scale=scale, zero=zero, scale_base=base)
 
-def _fit(x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> _Fit:
-    if spec.scheme == "codebook":
+    @classmethod
+    def of(cls, q: QuantizedTensor) -> UniformFit:
+        scale = torch.from_numpy(q.scale.astype(np.float64))
+        if q.zero_point is None:
+            zero = torch.full_like(scale, float(1 << (q.bits - 1)))
+        else:
+            zero = torch.from_numpy(q.zero_point.astype(np.float64))
+        return cls(q.bits, q.scheme, scale=scale, zero=zero)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qmax = (1 << self.bits) - 1
+        r = torch.round(x / self.scale[:, None])
+        z = self.zero[:, None]
+        inside = (r >= -z) & (r <= qmax - z)
+        return (torch.minimum(torch.maximum(r, -z), qmax - z) + z).long(), inside
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes.to(_F64) - self.zero[:, None]) * self.scale[:, None]
+
+    def pack(self, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, spec: QuantSpec) -> QuantizedTensor:
+        zp = self.zero.to(torch.uint8).cpu().numpy() if self.scheme == "asymmetric" else None
+        return QuantizedTensor(
+            shape, self.bits, self.scheme, codes=_codes_array(codes, shape, cd), scale=self.scale.to(torch.float32).cpu().numpy(),
+            zero_point=zp, channel_dim=cd, scale_dtype=spec.scale_dtype, scale_base=self.scale_base,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class CodebookFit:
+    """A k-means ``codebook`` for the whole tensor (a centroid pinned at 0.0 when masked or asked)."""
+
+    bits: int
+    codebook: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> CodebookFit:
         kept = x.flatten() if keep is None else x[keep]
-        cb = _kmeans(kept, spec.bits, spec.include_zero or keep is not None)
-        return _Fit(spec.bits, "codebook", codebook=cb)
-    scale, zero, base = _fit_uniform(x, spec, name)
-    return _Fit(spec.bits, spec.scheme, scale=scale, zero=zero, scale_base=base)
+        return cls(spec.bits, _kmeans(kept, spec.bits, spec.include_zero or keep is not None))
+
+    @classmethod
+    def of(cls, q: QuantizedTensor) -> CodebookFit:
+        return cls(q.bits, torch.from_numpy(q.codebook.astype(np.float64)))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _nearest(x, self.codebook), torch.ones_like(x, dtype=torch.bool)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.codebook[codes]
+
+    def pack(self, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, spec: QuantSpec) -> QuantizedTensor:
+        codebook = self.codebook.to(torch.float32).cpu().numpy()
+        return QuantizedTensor(shape, self.bits, "codebook", codes=_codes_array(codes, shape, cd), codebook=codebook)
 
 
-def _encode(x: torch.Tensor, f: _Fit) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int64 codes, bool "inside the representable range +- half a step") of float64 rows ``x``."""
-    if f.scheme == "codebook":
-        return _nearest(x, f.codebook), torch.ones_like(x, dtype=torch.bool)
-    qmax = (1 << f.bits) - 1
-    r = torch.round(x / f.scale[:, None])
-    z = f.zero[:, None]
-    inside = (r >= -z) & (r <= qmax - z)
-    return (torch.minimum(torch.maximum(r, -z), qmax - z) + z).long(), inside
+FITS: dict[str, type[UniformFit] | type[CodebookFit]] = {"symmetric": UniformFit, "asymmetric": UniformFit,
+                                                         "codebook": CodebookFit}
 
 
-def _decode(codes: torch.Tensor, f: _Fit) -> torch.Tensor:
-    if f.scheme == "codebook":
-        return f.codebook[codes]
-    return (codes.to(_F64) - f.zero[:, None]) * f.scale[:, None]
+def _codes_array(codes: torch.Tensor, shape: tuple[int, ...], cd: int | None) -> np.ndarray:
+    return from_rows(codes, shape, cd).to(torch.uint8).cpu().contiguous().numpy()
 
 
-def _pack(f: _Fit, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, spec: QuantSpec) -> QuantizedTensor:
-    codes_np = _unrows(codes, shape, cd).to(torch.uint8).cpu().contiguous().numpy()
-    if f.scheme == "codebook":
-        codebook = f.codebook.to(torch.float32).cpu().numpy()
-        return QuantizedTensor(shape, f.bits, "codebook", codes=codes_np, codebook=codebook)
-    zp = f.zero.to(torch.uint8).cpu().numpy() if f.scheme == "asymmetric" else None
-    return QuantizedTensor(
-        shape, f.bits, f.scheme, codes=codes_np, scale=f.scale.to(torch.float32).cpu().numpy(), zero_point=zp,
-        channel_dim=cd, scale_dtype=spec.scale_dtype, scale_base=f.scale_base,
-    )
+def fit(x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> Fitted:
+    """The quantizer ``spec`` describes, fitted to the rows ``x`` (``keep``: the rows' kept weights)."""
+    return FITS[spec.scheme].fit(x, keep, spec, name)
 
 
-def _float_values(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None) -> torch.Tensor:
+def fitted_of(q: QuantizedTensor) -> Fitted:
+    """The fitted quantizer that decodes ``q``."""
+    return FITS[q.scheme].of(q)
+
+
+def float_values(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None) -> torch.Tensor:
     """The 16/32-bit path: masked-out weights zeroed, rounded to float16/float32 (nearest)."""
-    x, _, _ = _prepare(weight, spec, name, mask)
+    x, _, _ = prepare_rows(weight, spec, name, mask)
     dtype = torch.float16 if spec.bits == 16 else torch.float32
     v = x.reshape(weight.shape).to(dtype)
     if not torch.isfinite(v).all():
@@ -567,23 +625,11 @@ def quantize(
     """
     shape = tuple(weight.shape)
     if spec.is_float:
-        v = _float_values(weight, spec, name, mask)
+        v = float_values(weight, spec, name, mask)
         return QuantizedTensor(shape, spec.bits, "float", values=v.cpu().numpy())
-    x, keep, cd = _prepare(weight, spec, name, mask)  # computed on weight's device, returned on the CPU
-    f = _fit(x, keep, spec, name)
-    codes, _ = _encode(x, f)
-    return _pack(f, codes, shape, cd, spec)
-
-
-def _fit_of(q: QuantizedTensor) -> _Fit:
-    if q.scheme == "codebook":
-        return _Fit(q.bits, "codebook", codebook=torch.from_numpy(q.codebook.astype(np.float64)))
-    scale = torch.from_numpy(q.scale.astype(np.float64))
-    if q.zero_point is None:
-        zero = torch.full_like(scale, float(1 << (q.bits - 1)))
-    else:
-        zero = torch.from_numpy(q.zero_point.astype(np.float64))
-    return _Fit(q.bits, q.scheme, scale=scale, zero=zero)
+    x, keep, cd = prepare_rows(weight, spec, name, mask)  # computed on weight's device, returned on the CPU
+    f = fit(x, keep, spec, name)
+    return f.pack(f.encode(x)[0], shape, cd, spec)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
@@ -598,5 +644,5 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """
     if q.scheme == "float":
         return torch.from_numpy(q.values.astype(np.float32))
-    codes = _rows(torch.from_numpy(q.codes.astype(np.int64)), q.channel_dim)
-    return _unrows(_decode(codes, _fit_of(q)), q.shape, q.channel_dim).to(torch.float32)
+    codes = to_rows(torch.from_numpy(q.codes.astype(np.int64)), q.channel_dim)
+    return from_rows(fitted_of(q).decode(codes), q.shape, q.channel_dim).to(torch.float32)
