@@ -109,3 +109,14 @@ def test_compressc_commands_in_bash_blocks_parse(page, line, command):
     args = shlex.split(command)[1:]
     res = CliRunner().invoke(main, [*args, "--help"])  # parses every option name, runs nothing
     assert res.exit_code == 0, f"{page.name}:{line}: {command}\n{res.output}"
+
+
+def test_every_test_docs_guarantees_names_exists():
+    """docs/guarantees.md names the test behind each promise; a renamed or deleted test fails here."""
+    text = (ROOT / "docs" / "guarantees.md").read_text()
+    named = []
+    for path, first, more in re.findall(r"`(tests/[\w/]+\.py)::([\w:]+)`((?:, `::\w+`)*)", text):
+        named += [(path, first.split("::")[-1])] + [(path, fn) for fn in re.findall(r"`::(\w+)`", more)]
+    assert len(named) >= 20
+    missing = [f"{path}::{fn}" for path, fn in named if f"def {fn}(" not in (ROOT / path).read_text()]
+    assert not missing, f"docs/guarantees.md names tests that do not exist: {missing}"

@@ -152,3 +152,15 @@ def test_a_flops_target_end_to_end_is_met_by_the_lowered_modules_measured_flops(
     assert measured <= predicted <= target
     assert predicted == pruned  # invariant 3 for FLOPs: exact for the pruned module; lowering then folds
     assert result.report["compressed"]["flops"] == measured  # BatchNorm away, so it measures a little less
+
+
+def test_the_same_seed_writes_the_same_bytes(tmp_path):
+    """Determinism: same model, inputs, data and seed -> the same plan and a byte-identical weights file."""
+    x, loader = _data()
+    blobs = []
+    for run in range(2):
+        result = compressc.compile(_net(), (x[:2],), target_size="30%", solver="convex", train_loader=loader,
+                                   finetune_epochs=1, seed=7, progress=False)
+        result.save(tmp_path / f"run{run}")
+        blobs.append(((tmp_path / f"run{run}" / "weights.cqw").read_bytes(), result.report["plan"]))
+    assert blobs[0] == blobs[1]
