@@ -77,23 +77,23 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
         calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn, progress=err.is_terminal,
         log=lambda msg: err.print(f"[dim]compressc:[/] {msg}"), best_effort=best_effort,
     )
-    report = dict(result.report, model_file=str(model_file))
-    if result.report.get("noop"):
+    result.info = result.info.replace(model_file=str(model_file))
+    report = result.report
+    if result.info.noop:
         msg = (f"the target is not smaller than the model ({format_bytes(report['original']['weights_bytes'])}): "
                "nothing to compress, nothing written")
         if as_json:
             click.echo(json.dumps(report, indent=2, default=str))
         err.print(f"note: {msg}")
         return
-    result.report = report
     info = result.save(out, force=force)
-    if report.get("accuracy_floor_met") is False:  # only with --best-effort: a miss raises otherwise
+    written = result.info.replace(weights_bytes=info.weights_bytes, model_py_bytes=info.model_py_bytes)
+    if written.accuracy_floor_met is False:  # only with --best-effort: a miss raises otherwise
         err.print(f"[bold red]warning:[/] the result breaks the accuracy floor (--max-accuracy-drop "
-                  f"{report['spec']['max_accuracy_drop']:g}): evaluate() {report['original']['accuracy']:.4f} -> "
-                  f"{report['compressed']['accuracy']:.4f}; written anyway because of --best-effort", highlight=False)
-    if as_json:
-        click.echo(json.dumps(dict(report, weights_bytes=info.weights_bytes, model_py_bytes=info.model_py_bytes,
-                                   output=str(info.directory)), indent=2, default=str))
+                  f"{written.spec['max_accuracy_drop']:g}): evaluate() {written.original.accuracy:.4f} -> "
+                  f"{written.compressed.accuracy:.4f}; written anyway because of --best-effort", highlight=False)
+    if as_json:  # report.json, and where it was written
+        click.echo(json.dumps(dict(written.to_dict(), output=str(info.directory)), indent=2, default=str))
         return
     _print_summary(report, info)
 

@@ -34,6 +34,7 @@ from compressc.plan import Plan
 from compressc.plan_selection import candidate_count, candidate_plans, select_plan
 from compressc.recovery import recover
 from compressc.problem import Budget, Problem
+from compressc.report import ModelStats, Report
 from compressc.solvers.base import get_solver
 from compressc.spec import Spec
 
@@ -63,12 +64,18 @@ class AccuracyFloorWarning(UserWarning):
 @dataclass
 class CompileResult:
     """The compiled model: ``module`` (an nn.Module computing what the artifact computes), ``plan``,
-    ``report`` (what report.json holds) and ``save(directory)``."""
+    ``info`` (the typed ``compressc.report.Report``), ``report`` (what report.json holds, as a dict)
+    and ``save(directory)``."""
 
     module: nn.Module
     plan: Plan
-    report: dict[str, Any]
+    info: Report
     compact: Compact | None
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """``info`` in the report.json layout."""
+        return self.info.to_dict()
 
     def save(self, directory, *, force: bool = False):
         if self.compact is None:
@@ -168,16 +175,15 @@ def compile(
         raise BudgetError("max_accuracy_drop needs an evaluate(model) function in the model file",
                           hint="add evaluate(model) -> float to the model file, or drop --max-accuracy-drop")
     accuracy_before = _evaluate(evaluate, model, "on the original model")
-    report: dict[str, Any] = {
-        "spec": spec.to_dict(), "solver": spec.solver, "seed": spec.seed,
-        "original": {"weights_bytes": original_bytes, "fp32_weight_bytes": totals.weight_bytes, "params": totals.params,
-                     "macs": totals.macs, "flops": totals.flops, "accuracy": accuracy_before},
-        "target_bytes": budget.bytes, "target_flops": budget.flops,
-    }
+    report = Report(
+        spec=spec.to_dict(), solver=spec.solver, seed=spec.seed,
+        original=ModelStats(weights_bytes=original_bytes, fp32_weight_bytes=totals.weight_bytes, params=totals.params,
+                            macs=totals.macs, flops=totals.flops, accuracy=accuracy_before),
+        target_bytes=budget.bytes, target_flops=budget.flops, weights_bytes=original_bytes, plan=Plan().to_dict(),
+    )
     if (budget.bytes is None or budget.bytes >= original_bytes) and (budget.flops is None or budget.flops >= totals.flops) \
             and spec.max_accuracy_drop is None:
-        report.update(noop=True, weights_bytes=original_bytes, plan=Plan().to_dict())
-        return CompileResult(model, Plan(), report, None)
+        return CompileResult(model, Plan(), report.replace(noop=True), None)
 
     say("measuring sensitivities")
     from compressc.problem_builder import build_problem, extend_actions
@@ -191,7 +197,7 @@ def compile(
     if sparsity != spec.actions.sparsity:
         say("the target is below what channels and bits alone reach: unstructured sparsity is on "
             "(actions.auto_extend)")
-    report["extended_actions"] = {"keep": extension.keep, "sparsity": list(sparsity)}
+    report = report.replace(extended_actions={"keep": extension.keep, "sparsity": list(sparsity)})
     problem = build_problem(graph, spec, evaluate=evaluate, data=train_loader,
                             calibration_inputs=_calibration_inputs(calibration_loader),
                             cache_dir=cache_dir, progress=progress, extension=extension)
@@ -227,9 +233,10 @@ def compile(
                 p, effective, np.random.default_rng(spec.seed)), compare)
             timings["solve_s"] = time.perf_counter() - t2
             say(f"comparing {len(candidates)} candidate plans by a short recovery")
-            plan, report["candidates"] = select_plan(
+            plan, scores = select_plan(
                 graph, candidates, train_loader, spec.finetune, evaluate, device=spec.device, seed=spec.seed,
                 loss_fn=loss_fn, calibration=calibration_loader, say=say)
+            report = report.replace(candidates=scores)
             timings["candidates_s"] = time.perf_counter() - t2 - timings["solve_s"]
         else:
             plan = solver_impl.solve(problem, effective, rng)
@@ -250,30 +257,27 @@ def compile(
         raise BudgetError(f"could not meet {budget.bytes:,} bytes after 5 attempts (last: {measured:,})")
     after = trace(compact.module, tuple(example_inputs)).totals()
     accuracy_after = _evaluate(evaluate, compact.module, "on the compressed model")
-    report.update(
-        noop=False,
+    report = report.replace(
         plan=plan.to_dict(),
         plan_summary=_plan_summary(plan, problem, graph),
         predicted_bytes=problem.bytes_of(plan),
         weights_bytes=measured,
-        compressed={"params": after.params, "macs": after.macs, "flops": after.flops, "accuracy": accuracy_after},
+        compressed=ModelStats(params=after.params, macs=after.macs, flops=after.flops, accuracy=accuracy_after),
         objective=_objective(problem, plan),
         attempts=attempt + 1,
         recovery=recovery.to_dict(),
         timings={k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()},
     )
-    result = CompileResult(compact.module, plan, report, compact)
     if spec.max_accuracy_drop is not None:
-        _check_floor(result, accuracy_before, accuracy_after, spec.max_accuracy_drop, best_effort, say)
+        report = report.replace(accuracy_floor_met=accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12)
+    result = CompileResult(compact.module, plan, report, compact)
+    if report.accuracy_floor_met is False:
+        _floor_missed(result, accuracy_before, accuracy_after, spec.max_accuracy_drop, best_effort, say)
     return result
 
 
-def _check_floor(result: CompileResult, before: float, after: float, allowed: float, best_effort: bool, say) -> None:
-    """Record whether the accuracy floor holds; a miss raises, or with ``best_effort`` warns loudly."""
-    met = before - after <= allowed + 1e-12
-    result.report["accuracy_floor_met"] = met
-    if met:
-        return
+def _floor_missed(result: CompileResult, before: float, after: float, allowed: float, best_effort: bool, say) -> None:
+    """A result that breaks the accuracy floor: raise, or with ``best_effort`` warn loudly."""
     message = (f"accuracy floor missed: evaluate() fell from {before:.4f} to {after:.4f}, a drop of "
                f"{before - after:.4f} where at most {allowed:.4f} is allowed")
     if not best_effort:

@@ -302,3 +302,19 @@ def test_bad_solver_options_fail_before_any_work(tmp_path):
     assert res.exit_code == 2, res.output
     assert "does not take ['max_iters']" in res.output and "polish_rounds=4" in res.output
     assert not marker.exists()
+
+
+def test_report_json_has_the_documented_keys(tmp_path):
+    model = _write(tmp_path, TRAINABLE)
+    res = _run(model, "--target-size", "30%", "--max-accuracy-drop", "1", "--finetune-epochs", "1", "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert list(report) == ["spec", "solver", "seed", "original", "target_bytes", "target_flops", "extended_actions",
+                            "noop", "plan", "plan_summary", "predicted_bytes", "weights_bytes", "compressed", "objective",
+                            "attempts", "recovery", "timings", "accuracy_floor_met", "model_file", "model_py_bytes"]
+    assert list(report["original"]) == ["weights_bytes", "fp32_weight_bytes", "params", "macs", "flops", "accuracy"]
+    assert list(report["compressed"]) == ["params", "macs", "flops", "accuracy"]
+    assert list(report["recovery"]) == ["recalibration_batches", "stages"]
+    res = _run(model, "--target-size", "1GB", "--json")
+    assert set(json.loads(res.stdout)) == {"spec", "solver", "seed", "original", "target_bytes", "target_flops", "noop",
+                                           "plan", "weights_bytes", "model_file"}
