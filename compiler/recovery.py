@@ -202,6 +202,8 @@ def recover(
     ``graph.module`` is never changed.
     """
     plan = prepared.plan
+    if not (plan.channels or plan.layers):  # the identity plan: prepare() kept the module as it is
+        return copy.deepcopy(prepared.module), RecoveryReport(())
     teacher = graph.module
     student = prune_channels(graph, plan.channels) if plan.channels else copy.deepcopy(teacher)
     masks = prepared.element_masks()

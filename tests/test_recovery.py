@@ -156,3 +156,11 @@ def test_one_bit_layers_are_two_entry_codebooks_end_to_end(tmp_path):
     torch.testing.assert_close(loaded(X), compact.module(X))
     q = quantize(torch.randn(4, 9), QuantSpec(bits=1, scheme="codebook"))
     assert q.codebook.size == 2 and q.codebook[0] < 0 < q.codebook[1]
+
+
+def test_the_identity_plan_comes_back_unchanged():
+    net = _net()
+    g = compressc.trace(net, (X,))
+    prepared = prepare(g, Plan())
+    module, report = recover(g, prepared, _data(), Finetune(epochs=2), progress=False)
+    assert report.stages == () and torch.equal(module(X), net(X))
