@@ -194,10 +194,13 @@ def compile(
     if extension.keep:
         say("the target is below what the keep-ratio grid reaches: keep ratios extended down to one channel "
             "per group (actions.auto_extend)")
+    if extension.one_bit:
+        say("the target is below what 2-bit layers reach: 1-bit layers allowed (actions.auto_extend)")
     if sparsity != spec.actions.sparsity:
         say("the target is below what channels and bits alone reach: unstructured sparsity is on "
             "(actions.auto_extend)")
-    report = report.replace(extended_actions={"keep": extension.keep, "sparsity": list(sparsity)})
+    report = report.replace(extended_actions={"keep": extension.keep, "one_bit": extension.one_bit,
+                                              "sparsity": list(sparsity)})
     problem = build_problem(graph, spec, evaluate=evaluate, data=train_loader,
                             calibration_inputs=_calibration_inputs(calibration_loader),
                             cache_dir=cache_dir, progress=progress, extension=extension)

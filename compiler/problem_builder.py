@@ -101,7 +101,7 @@ def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]
 
 
 def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any,
-           extended: bool = False) -> tuple[list[Knob], dict[int, tuple[int, ...]]]:
+           extended: bool = False, one_bit: bool = False) -> tuple[list[Knob], dict[int, tuple[int, ...]]]:
     """The knobs (distortions still zero) and the unit rankings of their groups."""
     analysis = analyze_channels(graph)
     actions = spec.actions
@@ -123,7 +123,7 @@ def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any,
         if rule.bits is not None:  # a rule fixes this layer's width: a knob with one option
             bits = (rule.bits,)
         else:
-            bits = tuple(sorted(set(actions.bit_choices) | {32}, reverse=True))
+            bits = tuple(sorted(set(actions.bit_choices) | {32} | ({1} if one_bit else set()), reverse=True))
         if len(bits) > 1 or bits[0] != 32:
             knobs.append(Knob(f"bits:{name}", "bits", name, bits, (0.0,) * len(bits)))
         if sparsity and (kind != "kernel" or params[name].dim() >= 3):
@@ -151,10 +151,12 @@ def _problem(graph: Graph, spec: Spec, knobs: Sequence[Knob], ranking: dict[int,
 @dataclass(frozen=True)
 class Extension:
     """How ``actions.auto_extend`` widened the spec's grids for a target: ``keep`` (keep ratios down to
-    each group's smallest legal size) and ``sparsity`` (the sparsity kinds in use)."""
+    each group's smallest legal size), ``one_bit`` (1-bit layers allowed) and ``sparsity`` (the
+    sparsity kinds in use)."""
 
     keep: bool
     sparsity: tuple[str, ...]
+    one_bit: bool = False
 
 
 def extend_actions(graph: Graph, spec: Spec, target_bytes: int | None, data: Any = None) -> Extension:
@@ -165,11 +167,11 @@ def extend_actions(graph: Graph, spec: Spec, target_bytes: int | None, data: Any
     plain = Extension(False, actions.sparsity)
     if target_bytes is None or not actions.auto_extend:
         return plain
-    steps = [plain, Extension(True, actions.sparsity)]
+    steps = [plain, Extension(True, actions.sparsity), Extension(True, actions.sparsity, True)]
     if not actions.sparsity:
-        steps.append(Extension(True, ("unstructured",)))
+        steps.append(Extension(True, ("unstructured",), True))
     for step in steps:
-        knobs, ranking = _knobs(graph, spec, step.sparsity, data, step.keep)
+        knobs, ranking = _knobs(graph, spec, step.sparsity, data, step.keep, step.one_bit)
         floor = _problem(graph, spec, knobs, ranking, step.sparsity[0] if step.sparsity else "unstructured")
         if floor.bytes(floor.most_compressed()) <= target_bytes:
             return step
@@ -194,7 +196,7 @@ def build_problem(
     extension = extension or Extension(False, spec.actions.sparsity)
     sparsity = extension.sparsity
     kind = sparsity[0] if sparsity else "unstructured"
-    knobs, ranking = _knobs(graph, spec, sparsity, data, extension.keep)
+    knobs, ranking = _knobs(graph, spec, sparsity, data, extension.keep, extension.one_bit)
     knobs = list(measure_sensitivity(
         graph, knobs, ranking, scheme=spec.actions.quant_scheme, sparsity_kind=kind, evaluate=evaluate,
         calibration_inputs=calibration_inputs, cache_dir=cache_dir, progress=progress,

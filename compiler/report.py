@@ -53,7 +53,7 @@ class Report:
     original: ModelStats
     target_bytes: int | None
     target_flops: int | None
-    extended_actions: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # keep: bool, sparsity: kinds
+    extended_actions: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # keep, one_bit: bool; sparsity: kinds
     candidates: list[dict[str, Any]] | None = field(default=None, metadata=_OPTIONAL)  # plan selection's scores
     noop: bool = False
     plan: dict[str, Any] = field(default_factory=lambda: {"channels": {}, "layers": {}})

@@ -229,8 +229,8 @@ class Actions:
     1-bit layers are stored as a two-entry codebook (uniform 1-bit codes cannot hold both signs).
     ``auto_extend``: when the byte target is below what these grids reach, extend them instead of
     refusing: first keep ratios halving below the smallest one down to each group's smallest legal size
-    (one channel per split part, or a rule's ``min_channels``), then, if ``sparsity`` is empty,
-    unstructured sparsity.
+    (one channel per split part, or a rule's ``min_channels``), then 1-bit layers, then, if
+    ``sparsity`` is empty, unstructured sparsity.
 
     >>> Actions(bits=(8, 4)).bit_choices, Actions(keep_ratios=(0.5,)).keep_ratio_choices
     ((4, 8, 32), (1.0, 0.5))
@@ -240,7 +240,7 @@ class Actions:
     remove_layers: bool = False
     sparsity: tuple[str, ...] = ()
     sparsity_levels: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
-    bits: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     quant_scheme: Literal["symmetric", "asymmetric", "codebook"] = "symmetric"
     keep_ratios: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875, 0.125)
     auto_extend: bool = True
@@ -516,7 +516,7 @@ class Spec:
         values are left out. ``Spec.from_dict(spec.to_dict()) == spec``.
 
         >>> Spec(target_size="4MB").to_dict()["actions"]["bits"]
-        [1, 2, 3, 4, 5, 6, 8]
+        [2, 3, 4, 5, 6, 8]
         """
         def table(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
             values = ((n, getattr(obj, n)) for n in names)

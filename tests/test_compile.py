@@ -193,13 +193,15 @@ def test_grids_extend_only_as_far_as_the_target_needs():
     g = compressc.trace(net, (torch.randn(1, 3, 8, 8),))
     spec = Spec()
 
-    def floor(keep, sparsity):
-        knobs, ranking = _knobs(g, spec, sparsity, None, keep)
+    def floor(keep, sparsity, one_bit=False):
+        knobs, ranking = _knobs(g, spec, sparsity, None, keep, one_bit)
         p = _problem(g, spec, knobs, ranking, "unstructured")
         return p.bytes(p.most_compressed())
 
-    plain, fine, sparse = floor(False, ()), floor(True, ()), floor(True, ("unstructured",))
-    assert plain > fine > sparse
+    plain, fine, one_bit = floor(False, ()), floor(True, ()), floor(True, (), True)
+    sparse = floor(True, ("unstructured",), True)
+    assert plain > fine > one_bit > sparse
+    assert extend_actions(g, spec, one_bit).one_bit and not extend_actions(g, spec, fine).one_bit
     assert extend_actions(g, spec, plain).keep is False and extend_actions(g, spec, None).keep is False
     assert extend_actions(g, spec, fine).keep and not extend_actions(g, spec, fine).sparsity
     assert extend_actions(g, spec, sparse).sparsity == ("unstructured",)

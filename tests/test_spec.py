@@ -56,7 +56,7 @@ def test_defaults():
     assert (spec.seed, spec.device, spec.solver, spec.importance, spec.solver_options) == (0, "cpu", "convex", "l1", {})
     a = spec.actions
     assert (a.prune_channels, a.remove_layers, a.sparsity, a.quant_scheme) == (True, False, (), "symmetric")
-    assert a.bits == (1, 2, 3, 4, 5, 6, 8) and a.sparsity_levels == (0.0, 0.25, 0.5, 0.75, 0.9)
+    assert a.bits == (2, 3, 4, 5, 6, 8) and a.sparsity_levels == (0.0, 0.25, 0.5, 0.75, 0.9)
     assert a.keep_ratios[:8] == (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875)
     assert min(a.keep_ratios) == 0.125 and a.auto_extend
     assert dataclasses.astuple(spec.finetune) == (0, 3e-3, "adam", 0.0, "cosine", 0.05, 4.0, 0.7, "auto", 5.0, None,
