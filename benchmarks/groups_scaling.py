@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 import compressc
-from compressc.passes.analysis.channel_groups import _CACHE_KEY, ChannelAnalysisWarning
+from compressc.passes.analysis.channel_groups import ChannelAnalysisWarning
 
 
 class Residual(nn.Module):
@@ -113,7 +113,7 @@ def measure(net: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float
     g = compressc.trace(net, (x,))
     times: list[float] = []
     while len(times) < repeats or sum(times) < 0.3:
-        g.__dict__.pop(_CACHE_KEY, None)  # the analysis is cached per graph
+        g.invalidate()  # the analysis is cached per graph
         t0 = time.perf_counter()
         groups = compressc.channel_groups(g)
         times.append(time.perf_counter() - t0)

@@ -45,10 +45,13 @@ def default_output_dir(model_file: Path) -> Path:
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads torch may use [what torch picks].")
 @click.option("--best-effort", is_flag=True,
               help="Write the result even if it breaks --max-accuracy-drop (with a warning; exit code 0).")
+@click.option("--allow-layer-removal", is_flag=True, default=None,
+              help="Let the solver remove whole residual blocks and shape-preserving layers (actions.remove_layers).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
-                    finetune_epochs, seed, device, threads, best_effort: bool, as_json: bool, force: bool) -> None:
+                    finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, as_json: bool,
+                    force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
     import torch
 
@@ -57,7 +60,8 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     spec = Spec.from_toml(spec_file) if spec_file is not None else Spec()
     overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
                  "solver": solver, "seed": seed, "device": device,
-                 "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None}
+                 "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None,
+                 "actions": {"remove_layers": True} if allow_layer_removal else None}
     spec = spec.merged({k: v for k, v in overrides.items() if v is not None})
     if not spec.has_target:
         raise UserError("no target given", hint="add --target-size 4MB (or --target-flops / --max-accuracy-drop, or a spec file)")
@@ -132,4 +136,11 @@ def _print_summary(report: dict, info) -> None:
         for gid, c in report["plan_summary"]["channels"].items():
             groups.add_row(gid, f"{c['kept']}/{c['of']}", ", ".join(c["modules"][:4]) + (" ..." if len(c["modules"]) > 4 else ""))
         console.print(groups)
+    if report["plan_summary"].get("removed"):
+        removed = Table(title="blocks removed")
+        for col in ("block", "kind", "parameters"):
+            removed.add_column(col, justify="right" if col == "parameters" else "left")
+        for bid, b in report["plan_summary"]["removed"].items():
+            removed.add_row(bid, b["kind"], format_count(b["params"]))
+        console.print(removed)
     console.print(f"wrote {info.directory} (report.json has the full plan); load it with compressc.load({str(info.directory)!r})")

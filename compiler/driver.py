@@ -105,6 +105,7 @@ def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list
 
 def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph) -> dict[str, Any]:
     from compressc.passes.analysis.channel_groups import analyze_channels
+    from compressc.passes.analysis.removable_blocks import removable_blocks
 
     groups = analyze_channels(graph).groups
     channels = {}
@@ -113,7 +114,9 @@ def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph) -> dict[str
         channels[str(gid)] = {"kept": len(kept), "of": groups[gid].size, "modules": modules}
     layers = {name: {"bits": s.bits, "scheme": s.scheme, "sparsity": s.sparsity, "sparsity_kind": s.sparsity_kind}
               for name, s in plan.layers.items()}
-    return {"channels": channels, "layers": layers}
+    blocks = {b.id: b for b in removable_blocks(graph)} if plan.removed else {}
+    removed = {bid: {"kind": blocks[bid].kind, "params": blocks[bid].params} for bid in plan.removed}
+    return {"channels": channels, "layers": layers, "removed": removed}
 
 
 def compile(
@@ -132,6 +135,7 @@ def compile(
     finetune_epochs: int | None = None,
     seed: int | None = None,
     device: str | None = None,
+    allow_layer_removal: bool | None = None,
     cache_dir=None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -151,13 +155,11 @@ def compile(
     say = log or (lambda msg: None)
     overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
                  "solver": solver, "seed": seed, "device": device,
-                 "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None}
+                 "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None,
+                 "actions": {"remove_layers": allow_layer_removal} if allow_layer_removal is not None else None}
     spec = (spec or Spec()).merged({k: v for k, v in overrides.items() if v is not None}, source="compile() arguments")
     if not spec.has_target:
         raise BudgetError("no target given", hint="pass target_size (e.g. '4MB', '25%', '8x'), target_flops or max_accuracy_drop")
-    if spec.actions.remove_layers:
-        raise UserError("actions.remove_layers: layer removal (N2N) is not available in this version",
-                        hint="set remove_layers = false; channel pruning, sparsity and bit-widths are available")
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device = 'cuda' but torch sees no CUDA device", hint="use --device cpu")
     solver_impl = get_solver(spec.solver, **spec.solver_options)  # bad solver options fail before any work

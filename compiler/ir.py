@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.fx as fx
@@ -36,6 +36,8 @@ __all__ = [
     "META_OPAQUE_FLOPS",
     "META_VALUE",
 ]
+
+T = TypeVar("T")
 
 META_INFO = "compressc.info"
 META_COST = "compressc.cost"
@@ -176,19 +178,53 @@ class Graph:
     example_inputs: tuple
     leaves: list[LeafReport] = field(default_factory=list)
     unattributed_params: int = 0
+    storage: dict[str, Any] = field(default_factory=dict)
+    """Weight name -> ``LayerSettings`` chosen by a ``quantize`` pass: how an artifact written from this
+    graph stores the tensor (the module already holds the dequantized values). Empty: float32."""
+    _analyses: dict[str, tuple[tuple, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    # -- analyses, cached against the graph's structure ----------------------------------------
+    def fingerprint(self) -> tuple:
+        """What every analysis result depends on: each node's name, op, target and arguments, and the
+        shape of every parameter and buffer. Any rewrite of the fx graph or of the module's tensors
+        changes it."""
+        nodes = tuple((n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in self.module.graph.nodes)
+        tensors = tuple((name, tuple(t.shape)) for name, t in self.module.state_dict(keep_vars=True).items())
+        return (id(self.module.graph), nodes, tensors)
+
+    def analysis(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()``'s result, cached under ``key`` until the graph changes (``fingerprint``).
+
+        >>> import torch, compressc
+        >>> g = compressc.trace(torch.nn.Linear(4, 3), (torch.randn(1, 4),))
+        >>> g.analysis("example", lambda: "computed"), g.analysis("example", lambda: "computed again")
+        ('computed', 'computed')
+        """
+        fp = self.fingerprint()
+        hit = self._analyses.get(key)
+        if hit is not None and hit[0] == fp:
+            return hit[1]
+        value = compute()
+        self._analyses[key] = (fp, value)
+        return value
+
+    def invalidate(self) -> None:
+        """Drop every cached analysis (a rewrite is detected anyway; this frees the memory)."""
+        self._analyses.clear()
 
     # -- access -------------------------------------------------------------------------------
     def nodes(self) -> Iterator[fx.Node]:
         return iter(self.module.graph.nodes)
 
     def node(self, name: str) -> fx.Node:
-        index = self.__dict__.get("_by_name")
-        if index is None or name not in index:
-            index = self.__dict__["_by_name"] = {n.name: n for n in self.module.graph.nodes}
-        try:
-            return index[name]
-        except KeyError:
-            raise KeyError(f"no node named {name!r} in the graph") from None
+        index = self._analyses.get("node-index")
+        node = index[1].get(name) if index else None
+        if node is None or node._erased or node.name != name or node.graph is not self.module.graph:
+            index = self._analyses["node-index"] = ((), {n.name: n for n in self.module.graph.nodes})
+            node = index[1].get(name)
+        if node is None:
+            raise KeyError(f"no node named {name!r} in the graph")
+        return node
 
     def info(self, node: fx.Node | str) -> NodeInfo:
         n = self.node(node) if isinstance(node, str) else node

@@ -2,10 +2,11 @@
 
 ``Plan.channels`` maps channel-group ids (``compressc.channel_groups``) to the units to keep;
 ``Plan.layers`` maps weight tensors (qualified names in the traced module, e.g.
-``"features.0.weight"``) to their bit-width, quantization scheme and sparsity. Anything not named keeps
-every channel and stays float32.
+``"features.0.weight"``) to their bit-width, quantization scheme and sparsity; ``Plan.removed`` names
+the blocks (``compressc.removable_blocks``) replaced by their identity skips. Anything not named keeps
+every channel and stays float32. Removal comes first: channels and layers of a removed block are moot.
 
->>> plan = Plan(channels={0: (1, 3)}, layers={"fc.weight": LayerSettings(bits=4, sparsity=0.5)})
+>>> plan = Plan(channels={0: (1, 3)}, layers={"fc.weight": LayerSettings(bits=4, sparsity=0.5)}, removed=("layers.1",))
 >>> Plan.from_dict(plan.to_dict()) == plan
 True
 """
@@ -52,15 +53,18 @@ class LayerSettings:
 class Plan:
     channels: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
     layers: Mapping[str, LayerSettings] = field(default_factory=dict)
+    removed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", {int(g): tuple(int(i) for i in kept) for g, kept in self.channels.items()})
         object.__setattr__(self, "layers", dict(self.layers))
+        object.__setattr__(self, "removed", tuple(sorted({str(b) for b in self.removed})))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "channels": {str(g): list(kept) for g, kept in sorted(self.channels.items())},
             "layers": {name: asdict(s) for name, s in self.layers.items()},
+            "removed": list(self.removed),
         }
 
     @classmethod
@@ -68,6 +72,7 @@ class Plan:
         return cls(
             channels={int(g): tuple(kept) for g, kept in d.get("channels", {}).items()},
             layers={name: LayerSettings(**s) for name, s in d.get("layers", {}).items()},
+            removed=tuple(d.get("removed", ())),
         )
 
 

@@ -1,10 +1,12 @@
 """The compression problem the solvers see: knobs with options and measured distortions, exact costs.
 
 A **knob** is one decision with a few options: how many units a channel group keeps (``keep``), how
-many bits a weight tensor gets (``bits``), how sparse it is (``sparsity``). Option 0 is always "leave
-it as it is" (all units, 32 bits, dense) and options get more compressed with the index. A **choice**
-is one option index per knob. The quality model is additive: ``objective(choice)`` is the sum of the
-knobs' measured distortions (each measured with only that knob changed: the sensitivity curves).
+many bits a weight tensor gets (``bits``), how sparse it is (``sparsity``), whether a removable block
+goes (``remove``: options ``(0, 1)``). Option 0 is always "leave it as it is" (all units, 32 bits,
+dense, kept) and options get more compressed with the index. A **choice** is one option index per
+knob. The quality model is additive: ``objective(choice)`` is the sum of the knobs' measured
+distortions (each measured with only that knob changed: the sensitivity curves), except that the knobs
+a removed block ``covers`` (its inner keep / bits / sparsity / remove knobs) stop counting.
 Costs are exact: ``bytes(choice)`` is the size of the weights file ``compressc`` would write (through
 the lowering passes and the size model), ``flops(choice)`` the FLOPs of the lowered module.
 
@@ -39,10 +41,11 @@ class Knob:
     ``sparsity``). ``options[0]`` leaves the model as it is; ``distortion[0] == 0``."""
 
     key: str
-    kind: str  # "keep" | "bits" | "sparsity"
+    kind: str  # "keep" | "bits" | "sparsity" | "remove"
     target: int | str
     options: tuple
     distortion: tuple[float, ...]
+    covers: tuple[int, ...] = ()  # "remove" knobs: indices of the knobs that are moot once the block goes
 
     def __post_init__(self) -> None:
         if len(self.options) != len(self.distortion) or not self.options:
@@ -51,7 +54,8 @@ class Knob:
     @functools.cached_property
     def factors(self) -> tuple[float, ...]:
         """What each option scales its tensors' size by: the kept fraction of the group (``keep``:
-        option / options[0]), ``bits / 32`` (``bits``), the density ``1 - sparsity`` (``sparsity``).
+        option / options[0]), ``bits / 32`` (``bits``), the density ``1 - sparsity`` (``sparsity``), 1 or 0
+        (``remove``: kept, removed).
 
         >>> Knob("bits:w", "bits", "w", (32, 8, 4), (0, .1, .2)).factors
         (1.0, 0.25, 0.125)
@@ -61,9 +65,9 @@ class Knob:
             return tuple(v / o[0] for v in o)
         if self.kind == "bits":
             return tuple(v / 32.0 for v in o)
-        if self.kind == "sparsity":
+        if self.kind in ("sparsity", "remove"):  # a removed block's tensors: 0 (relaxations in log space clamp it)
             return tuple(1.0 - v for v in o)
-        raise ValueError(f"knob {self.key}: unknown kind {self.kind!r}; kinds are keep, bits and sparsity")
+        raise ValueError(f"knob {self.key}: unknown kind {self.kind!r}; kinds are keep, bits, sparsity and remove")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class TensorCost:
     sparsity_knob: int | None = None
     per_row_bytes: float = 0.0
     macs: int = 0
+    remove_knobs: tuple[int, ...] = ()  # "remove" knobs whose block holds the tensor: removed, it costs nothing
 
     def bytes(self, rows: float, cols: float, bits_factor: float, density: float) -> float:
         """The formula above, with ``bits_factor = bits / 32`` (``Knob.factors`` of the bits knob).
@@ -128,13 +133,25 @@ class Problem:
     def most_compressed(self) -> Choice:
         return tuple(len(k.options) - 1 for k in self.knobs)
 
+    def moot(self, choice: Sequence[int]) -> frozenset[int]:
+        """Indices of the knobs that a removed block covers under ``choice`` (their options do nothing)."""
+        return frozenset(j for k, i in zip(self.knobs, choice) if k.kind == "remove" and k.options[int(i)]
+                         for j in k.covers)
+
     def plan(self, choice: Sequence[int]) -> Plan:
         self._check(choice)
         channels: dict[int, tuple[int, ...]] = {}
         layers: dict[str, dict] = {}
-        for knob, i in zip(self.knobs, choice):
+        removed: list[str] = []
+        moot = self.moot(choice)
+        for j, (knob, i) in enumerate(zip(self.knobs, choice)):
             value = knob.options[i]
-            if knob.kind == "keep":
+            if j in moot:
+                continue
+            if knob.kind == "remove":
+                if value:
+                    removed.append(str(knob.target))
+            elif knob.kind == "keep":
                 if i:
                     channels[int(knob.target)] = tuple(sorted(self.ranking[int(knob.target)][: int(value)]))
             elif knob.kind == "bits":
@@ -147,14 +164,20 @@ class Problem:
             for name, s in layers.items()
             if s.get("bits", 32) != 32 or s.get("sparsity", 0.0) > 0
         }
-        return Plan(channels=channels, layers=settings)
+        return Plan(channels=channels, layers=settings, removed=tuple(removed))
 
     def choice_of(self, plan: Plan) -> Choice | None:
         """The option indices behind ``plan`` (the inverse of ``plan(choice)``), or None when a
         setting of ``plan`` is not one of its knob's options."""
         choice = []
-        for knob in self.knobs:
-            if knob.kind == "keep":
+        moot = {j for k in self.knobs if k.kind == "remove" and str(k.target) in plan.removed for j in k.covers}
+        for j, knob in enumerate(self.knobs):
+            if j in moot:  # a removed block's inner knob: the plan says nothing about it
+                choice.append(0)
+                continue
+            if knob.kind == "remove":
+                value = int(str(knob.target) in plan.removed)
+            elif knob.kind == "keep":
                 kept = plan.channels.get(int(knob.target))
                 value = knob.options[0] if kept is None else len(kept)
             else:
@@ -173,11 +196,13 @@ class Problem:
 
         bits = 1.0 if tc.bits_knob is None else self.knobs[tc.bits_knob].factors[choice[tc.bits_knob]]
         density = 1.0 if tc.sparsity_knob is None else self.knobs[tc.sparsity_knob].factors[choice[tc.sparsity_knob]]
-        return kept(tc.out_keep), kept(tc.in_keep), bits, density
+        present = float(np.prod([self.knobs[k].factors[choice[k]] for k in tc.remove_knobs]))  # 0: removed
+        return present * kept(tc.out_keep), kept(tc.in_keep), bits, density
 
     def objective(self, choice: Sequence[int]) -> float:
         self._check(choice)
-        return float(sum(k.distortion[i] for k, i in zip(self.knobs, choice)))
+        moot = self.moot(choice)
+        return float(sum(k.distortion[i] for j, (k, i) in enumerate(zip(self.knobs, choice)) if j not in moot))
 
     def bytes(self, choice: Sequence[int]) -> int:
         return self._bytes(tuple(int(i) for i in choice))

@@ -3,7 +3,8 @@
 Knobs: one ``keep`` knob per prunable channel group (options from the spec's keep-ratio grid, after
 per-layer rules: ``prune = false``, ``min_channels``, ``round_to``), one ``bits`` knob per weight tensor
 (the spec's bit-widths, or the one a rule fixes) and one ``sparsity`` knob per weight tensor when the
-spec allows sparsity. Units of a group are ranked by the spec's importance criterion, with the best
+spec allows sparsity, and one ``remove`` knob per removable block when the spec allows layer removal
+(it covers the knobs inside the block). Units of a group are ranked by the spec's importance criterion, with the best
 unit of every segment first so any option keeps each split part non-empty. Distortions come from the
 sensitivity pass; exact costs from the lowering passes and the size model.
 """
@@ -20,7 +21,9 @@ from compressc.ir import Graph
 from compressc.passes.analysis.channel_groups import ChannelGroup, analyze_channels
 from compressc.passes.analysis.channel_plan import predict_cost
 from compressc.passes.analysis.importance import get_criterion
+from compressc.passes.analysis.removable_blocks import RemovableBlock, removable_blocks
 from compressc.passes.lowering.compact import predict_bytes
+from compressc.passes.lowering.remove_layers import removed_view
 from compressc.plan import Plan, weight_tensors
 from compressc.problem import Knob, Problem, TensorCost
 from compressc.spec import Spec
@@ -67,6 +70,7 @@ def _keep_options(group: ChannelGroup, spec: Spec, modules: list[str], extended:
 
 
 def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]:
+    blocks = {b.id: b for b in removable_blocks(graph)} if any(k.kind == "remove" for k in knobs) else {}
     analysis = analyze_channels(graph)
     keep_index = {int(k.target): i for i, k in enumerate(knobs) if k.kind == "keep"}
     bits_index = {k.target: i for i, k in enumerate(knobs) if k.kind == "bits"}
@@ -76,6 +80,8 @@ def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]
     for node in graph.nodes():
         if node.op == "call_module":
             macs_of_module[node.target] = macs_of_module.get(node.target, 0) + graph.cost_of(node).macs
+    removing = {name: tuple(i for i, k in enumerate(knobs) if k.kind == "remove" and name in blocks[str(k.target)].tensors)
+                for name in weight_tensors(graph.module)}
     costs = []
     for name in weight_tensors(graph.module):
         dims = analysis.tensor_dims.get(name, {})
@@ -95,7 +101,7 @@ def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]
             tensor=name, numel=params[name].numel(), out_keep=coupling(0), in_keep=coupling(1),
             bits_knob=bits_index.get(name), sparsity_knob=sparse_index.get(name),
             per_row_bytes=1.0 * params[name].shape[0],  # one float8 scale byte per output channel (<= 6 bits)
-            macs=macs_of_module.get(name.rpartition(".")[0], 0),
+            macs=macs_of_module.get(name.rpartition(".")[0], 0), remove_knobs=removing[name],
         ))
     return tuple(costs)
 
@@ -130,7 +136,27 @@ def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any,
             levels = (rule.sparsity,) if rule.sparsity is not None else tuple(sorted(set(actions.sparsity_level_choices) | {0.0}))
             if len(levels) > 1 or levels[0] != 0.0:
                 knobs.append(Knob(f"sparsity:{name}", "sparsity", name, levels, (0.0,) * len(levels)))
+    if actions.remove_layers:
+        knobs += _remove_knobs(analysis, knobs, removable_blocks(graph))
     return knobs, ranking
+
+
+def _remove_knobs(analysis, knobs: Sequence[Knob], blocks: list[RemovableBlock]) -> list[Knob]:
+    """One ``remove`` knob per block, covering the knobs that are moot once it goes: bits / sparsity
+    of its tensors, keep of the groups all of whose tensors it holds, remove of the blocks inside it."""
+    tensors_of_group: dict[int, set[str]] = {}
+    for group in analysis.groups:
+        tensors_of_group[group.id] = {m.tensor for m in group.members if m.tensor}
+    out: list[Knob] = []
+    for block in blocks:
+        inside = set(block.tensors)
+        covers = [j for j, k in enumerate(knobs)
+                  if (k.kind in ("bits", "sparsity") and str(k.target) in inside)
+                  or (k.kind == "keep" and tensors_of_group[int(k.target)] and tensors_of_group[int(k.target)] <= inside)]
+        covers += [len(knobs) + i for i, other in enumerate(blocks)
+                   if other is not block and set(other.nodes) < set(block.nodes)]
+        out.append(Knob(f"remove:{block.id}", "remove", block.id, (0, 1), (0.0, 0.0), covers=tuple(covers)))
+    return out
 
 
 def _problem(graph: Graph, spec: Spec, knobs: Sequence[Knob], ranking: dict[int, tuple[int, ...]], kind: str) -> Problem:
@@ -139,7 +165,7 @@ def _problem(graph: Graph, spec: Spec, knobs: Sequence[Knob], ranking: dict[int,
     return Problem(
         knobs=tuple(knobs),
         bytes_of=lambda plan: predict_bytes(graph, plan),
-        flops_of=lambda plan: predict_cost(graph, plan.channels).flops,
+        flops_of=lambda plan: predict_cost(*removed_view(graph, plan.removed, plan.channels)).flops,
         ranking=ranking,
         scheme=spec.actions.quant_scheme,
         sparsity_kind=kind,

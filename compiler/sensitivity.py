@@ -44,6 +44,7 @@ from torch.utils._pytree import tree_leaves
 
 from compressc.evaluation import checked_score
 from compressc.ir import Graph
+from compressc.passes.analysis.removable_blocks import removable_blocks
 from compressc.passes.lowering.compact import PlanError, prepare, quant_spec
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
 from compressc.passes.lowering.quantize import QuantSpec, dequantize, quantize
@@ -61,7 +62,7 @@ TIE_BREAK = 1e-3
 PROXY_CAP = 1e6
 CACHE_VERSION = 1
 _SAVE_EVERY_S = 5.0
-_ORDER = {"keep": -1, "bits": -1, "sparsity": 1}  # options must strictly decrease / increase with the index
+_ORDER = {"keep": -1, "bits": -1, "sparsity": 1, "remove": 1}  # options must strictly decrease / increase with the index
 
 Inputs = tuple
 
@@ -246,6 +247,8 @@ def _point_key(knob: Knob, value: Any, ranking: dict[int, tuple[int, ...]], sche
         return f"keep:{int(knob.target)}:{int(value)}:{hashlib.sha256(kept.encode()).hexdigest()[:16]}"
     if knob.kind == "bits":
         return f"bits:{knob.target}:{int(value)}:{scheme}"
+    if knob.kind == "remove":
+        return f"remove:{knob.target}:{int(value)}"
     return f"sparsity:{knob.target}:{float(value)!r}:{sparsity_kind}"
 
 
@@ -278,6 +281,8 @@ class _Meter:
         if knob.kind == "keep":
             module = prepare(self.graph, Plan(channels={int(knob.target): _kept(ranking, knob, value)})).module.eval()
             return self._entry(module, what)
+        if knob.kind == "remove":
+            return self._entry(prepare(self.graph, Plan(removed=(str(knob.target),))).module.eval(), what)
         p = self.params[str(knob.target)]
         original = p.detach().clone()
         with torch.no_grad():
@@ -306,9 +311,10 @@ class _Meter:
 def _check(graph: Graph, knobs: Sequence[Knob], ranking: dict[int, tuple[int, ...]], sparsity_kind: str) -> None:
     params = dict(graph.module.named_parameters())
     weights = set(weight_tensors(graph.module))
+    blocks = {b.id for b in removable_blocks(graph)} if any(k.kind == "remove" for k in knobs) else set()
     for knob in knobs:
         if knob.kind not in _ORDER:
-            raise ValueError(f"knob {knob.key}: unknown kind {knob.kind!r}; expected keep, bits or sparsity")
+            raise ValueError(f"knob {knob.key}: unknown kind {knob.kind!r}; expected keep, bits, sparsity or remove")
         values = np.asarray(knob.options, dtype=float)
         if len(values) > 1 and not (np.diff(values) * _ORDER[knob.kind] > 0).all():
             order = "decrease" if _ORDER[knob.kind] < 0 else "increase"
@@ -320,6 +326,10 @@ def _check(graph: Graph, knobs: Sequence[Knob], ranking: dict[int, tuple[int, ..
                 raise ValueError(f"knob {knob.key}: ranking has no entry for channel group {knob.target}")
             if not all(1 <= int(k) <= len(units) for k in knob.options[1:]):
                 raise ValueError(f"knob {knob.key}: keep counts {knob.options} must be in 1..{len(units)}")
+        elif knob.kind == "remove":
+            if str(knob.target) not in blocks:
+                raise PlanError(f"knob {knob.key}: {knob.target!r} is not a removable block of the model",
+                                hint="use ids from compressc.removable_blocks(graph)")
         elif str(knob.target) not in weights:
             raise PlanError(f"knob {knob.key}: {knob.target!r} is not a quantizable weight of the model",
                             hint="use names from compressc.plan.weight_tensors(graph.module)")

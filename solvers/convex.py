@@ -41,6 +41,7 @@ from compressc.solvers.base import SolverError
 __all__ = ["ConvexSolver"]
 
 _TOL = 1e-12
+REMOVED = 1e-6  # the factor a removed block's tensors get in log space (log 0 does not exist)
 
 
 # -- what a knob does to its tensors (shared with the MILP reference) -----------------------------------
@@ -88,7 +89,7 @@ def _units(problem: Problem) -> _Units:
             opts, f, d = opts[order], f[order], d[order]
         options.append(opts)
         dist.append(d)
-        logf.append(np.log(np.maximum(f, 1e-12)))
+        logf.append(np.log(np.maximum(f, REMOVED)))
     P = max(len(d) for d in dist)
     D = np.array([np.pad(d, (0, P - len(d)), constant_values=np.inf) for d in dist])
     L = np.array([np.pad(x, (0, P - len(x)), mode="edge") for x in logf])
@@ -139,12 +140,13 @@ def _posynomials(problem: Problem, units: _Units) -> dict[str, tuple[np.ndarray,
     terms: dict[str, list] = {"bytes": [], "flops": []}
     for tc in problem.tensor_costs:
         own = sorted({unit_of[k] for k in (tc.bits_knob, tc.sparsity_knob) if k is not None})
+        gone = [unit_of[k] for k in tc.remove_knobs]  # a removed block's tensors: factor REMOVED, not 0
         for wr, kr in _linear(tc.out_keep):
             for wc, kc in _linear(tc.in_keep):
-                keep = [unit_of[k] for k in (kr, kc) if k is not None]
+                keep = [unit_of[k] for k in (kr, kc) if k is not None] + gone
                 terms["bytes"].append((4.0 * tc.numel * wr * wc, keep + own))  # bits / 8 = 4 * (bits / 32)
                 terms["flops"].append((float(tc.macs) * wr * wc, keep))
-            terms["bytes"].append((tc.per_row_bytes * wr, [unit_of[kr]] if kr is not None else []))
+            terms["bytes"].append((tc.per_row_bytes * wr, ([unit_of[kr]] if kr is not None else []) + gone))
     out = {}
     for name, rows in terms.items():
         rows = [(c, us) for c, us in rows if c > 0]
@@ -238,9 +240,9 @@ class ConvexSolver:
     def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan:
         self._u = units = _units(problem)
         self._work = 0.0  # cells of move tables and knapsack fronts: bounds the search, deterministically
-        keep = {k for k, knob in enumerate(problem.knobs) if knob.kind == "keep"}
+        keep = {k for k, knob in enumerate(problem.knobs) if knob.kind in ("keep", "remove")}
         self._pruning = {u for u, m in enumerate(units.members) if keep & set(m)}
-        # units that share no cost term with each other: all of them for tables, else all but keep units
+        # units that share no cost term with each other: all of them for tables, else all but keep / remove units
         self._separable = np.array([u for u in range(len(units.members))
                                     if u not in self._pruning or not problem.tensor_costs], dtype=int)
         calls: set[Choice] = set()

@@ -74,6 +74,8 @@ class _Estimate:
             return sum(w * self.values[j][c[j]] for j, w in pairs) + (1.0 - sum(w for _, w in pairs))
 
         rows, cols = kept(t.out_keep), kept(t.in_keep)
+        if any(c[j] for j in t.remove_knobs):  # the tensor went with a removed block
+            return 0.0
         if self.resource == "flops":
             return t.flops(rows, cols)
         bits = 1.0 if t.bits_knob is None else self.values[t.bits_knob][c[t.bits_knob]]
@@ -198,4 +200,4 @@ def _relax(problem: Problem, estimates: dict[str, _Estimate], limits: dict[str, 
 
 
 def _knobs_of(t: TensorCost) -> list[int]:
-    return sorted({j for j, _ in t.out_keep + t.in_keep} | ({t.bits_knob, t.sparsity_knob} - {None}))
+    return sorted({j for j, _ in t.out_keep + t.in_keep} | ({t.bits_knob, t.sparsity_knob} - {None}) | set(t.remove_knobs))

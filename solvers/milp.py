@@ -58,7 +58,7 @@ def exact_optimum(
     row = 0
     for tc in problem.tensor_costs:
         touch = sorted({k for k, _ in tc.out_keep + tc.in_keep}
-                       | {k for k in (tc.bits_knob, tc.sparsity_knob) if k is not None})
+                       | {k for k in (tc.bits_knob, tc.sparsity_knob) if k is not None} | set(tc.remove_knobs))
         configs = list(itertools.product(*[range(len(knobs[k].options)) for k in touch]))
         starts = row + np.cumsum([0] + [len(knobs[k].options) for k in touch])
         choice = list(problem.uncompressed())

@@ -2,7 +2,7 @@
 
 A level ``t`` in [0, 1] picks option ``round(t * (len(options) - 1))`` of every knob: the same keep
 ratio for every group, the same bit-width and sparsity for every layer (the knobs share their option
-grids, so equal indices mean equal settings). The least compressed feasible level is found by
+grids, so equal indices mean equal settings); blocks are removed only at level 1. The least compressed feasible level is found by
 bisection over the distinct choices the levels give (costs grow with the level).
 
 >>> from compressc.problem import Budget, Problem
@@ -32,7 +32,8 @@ class UniformSolver:
         self.levels = int(levels)
 
     def _choice(self, problem: Problem, t: float) -> Choice:
-        return tuple(int(round(t * (len(k.options) - 1))) for k in problem.knobs)
+        # a block is removed only at the most compressed level: removal is all or nothing, not a grade
+        return tuple(int(t >= 1.0) if k.kind == "remove" else int(round(t * (len(k.options) - 1))) for k in problem.knobs)
 
     def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan:
         choices = list(dict.fromkeys(self._choice(problem, t) for t in np.linspace(0.0, 1.0, self.levels + 1)))

@@ -23,6 +23,7 @@ public so that solver-specific tests can reuse them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Callable
@@ -62,7 +63,7 @@ def separable_problem(seed: int, n_knobs: int = 6) -> Problem:
 
 
 def coupled_problem(seed: int, n_layers: int = 5, *, sparsity: bool = True, rules: bool = False,
-                    overhead: bool = False) -> Problem:
+                    overhead: bool = False, removal: bool = False) -> Problem:
     """A chain of layers whose channel groups couple tensors, described by ``tensor_costs``.
 
     Layer ``i`` produces group ``i`` (or, for a residual, shares its predecessor's group) and reads
@@ -71,7 +72,8 @@ def coupled_problem(seed: int, n_layers: int = 5, *, sparsity: bool = True, rule
     counts what the formula leaves out (a 16-byte header per quantized tensor, a bitmap per sparse
     one), so only the exact costs tell whether a plan fits. ``flops_of`` is ``2 * macs`` scaled by
     the kept rows and columns. ``rules``: one group may not be pruned and one tensor's bits are fixed
-    at 8 (single-option knobs).
+    at 8 (single-option knobs). ``removal``: some hidden layers (at least one) are removable blocks, a
+    ``remove`` knob each that covers the layer's bits and sparsity knobs; a removed layer costs nothing.
     """
     rng = np.random.default_rng(seed)
     out_group: list[int | None] = []
@@ -123,7 +125,18 @@ def coupled_problem(seed: int, n_layers: int = 5, *, sparsity: bool = True, rule
             per_row_bytes=2.0 * rows,
         ))
         shapes[name] = (out_group[i], in_groups[i], cols)
+    if removal:
+        hidden = list(range(1, n_layers - 1)) or [0]
+        blocks = [i for i in hidden if rng.random() < 0.5] or [hidden[0]]
+        for i in blocks:
+            t = costs[i]
+            knobs.append(Knob(f"remove:layer{i}", "remove", f"layer{i}", (0, 1), _curve(rng, 2, rng.lognormal(0, 1)),
+                              covers=tuple(k for k in (t.bits_knob, t.sparsity_knob) if k is not None)))
+            costs[i] = dataclasses.replace(t, remove_knobs=(len(knobs) - 1,))
     fixed_bytes, fixed_flops = 64, 1000
+
+    def present(plan: Plan) -> list[TensorCost]:
+        return [t for t in costs if t.tensor.rpartition(".")[0] not in plan.removed]
 
     def kept(plan: Plan, g: int) -> float:
         return len(plan.channels[g]) / sizes[g] if g in plan.channels else 1.0
@@ -135,7 +148,7 @@ def coupled_problem(seed: int, n_layers: int = 5, *, sparsity: bool = True, rule
 
     def bytes_of(plan: Plan) -> int:
         total = fixed_bytes
-        for t in costs:
+        for t in present(plan):
             rows, cols = scales(plan, t)
             s = plan.layers.get(t.tensor)
             bits, density = (s.bits, 1.0 - s.sparsity) if s else (32, 1.0)
@@ -145,7 +158,7 @@ def coupled_problem(seed: int, n_layers: int = 5, *, sparsity: bool = True, rule
         return total
 
     def flops_of(plan: Plan) -> int:
-        return fixed_flops + sum(math.ceil(2 * t.macs * math.prod(scales(plan, t))) for t in costs)
+        return fixed_flops + sum(math.ceil(2 * t.macs * math.prod(scales(plan, t))) for t in present(plan))
 
     ranking = {g: tuple(int(u) for u in rng.permutation(n)) for g, n in enumerate(sizes)}
     return Problem(knobs=tuple(knobs), bytes_of=bytes_of, flops_of=flops_of, ranking=ranking,
@@ -158,6 +171,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "coupled-overhead": lambda: coupled_problem(3, 6, overhead=True),
     "coupled-rules": lambda: coupled_problem(4, 5, rules=True, overhead=True),
     "coupled-bits-only": lambda: coupled_problem(5, 7, sparsity=False),
+    "coupled-removal": lambda: coupled_problem(6, 6, overhead=True, removal=True),
 }
 
 
@@ -171,8 +185,14 @@ def budgets(problem: Problem, resource: str = "bytes") -> list[int]:
 def choice_of(problem: Problem, plan: Plan) -> Choice:
     """The option indices that produce ``plan``; fails on anything no option of a knob produces."""
     choice = []
-    for knob in problem.knobs:
-        if knob.kind == "keep":
+    moot = {j for k in problem.knobs if k.kind == "remove" and str(k.target) in plan.removed for j in k.covers}
+    for j, knob in enumerate(problem.knobs):
+        if j in moot:
+            choice.append(0)
+            continue
+        if knob.kind == "remove":
+            value = int(str(knob.target) in plan.removed)
+        elif knob.kind == "keep":
             g = int(knob.target)
             kept = plan.channels.get(g)
             value = len(problem.ranking[g]) if kept is None else len(kept)
@@ -257,9 +277,9 @@ class SolverConformance:
     # (differing executors), which only replays one solver's failures on the others.
     @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.differing_executors])
     @given(seed=st.integers(0, 10_000), n_layers=st.integers(2, 7), q=st.floats(0.0, 1.0),
-           sparsity=st.booleans(), rules=st.booleans())
-    def test_random_coupled_problems(self, seed, n_layers, q, sparsity, rules):
-        problem = coupled_problem(seed, n_layers, sparsity=sparsity, rules=rules, overhead=True)
+           sparsity=st.booleans(), rules=st.booleans(), removal=st.booleans())
+    def test_random_coupled_problems(self, seed, n_layers, q, sparsity, rules, removal):
+        problem = coupled_problem(seed, n_layers, sparsity=sparsity, rules=rules, overhead=True, removal=removal)
         lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
         budget = Budget(bytes=int(lo + q * (hi - lo)))
         self.assert_fits(problem, budget, self.solve(problem, budget, seed=seed))

@@ -52,7 +52,7 @@ __all__ = [
     "ChannelGroupsPass",
 ]
 
-_CACHE_KEY = "_compressc_channel_analysis"
+ANALYSIS_KEY = "channel-groups"  # under which Graph.analysis caches the walk
 
 
 class ChannelAnalysisWarning(UserWarning):
@@ -362,9 +362,10 @@ def _act_members(ctx: WalkContext) -> list[tuple[str, str, None, int, np.ndarray
 # -- entry points ---------------------------------------------------------------------------------
 def analyze_channels(graph: Graph) -> ChannelAnalysis:
     """Run (or reuse) the channel walk over ``graph``; warnings are issued once per analysis."""
-    cached = graph.__dict__.get(_CACHE_KEY)
-    if cached is not None:
-        return cached
+    return graph.analysis(ANALYSIS_KEY, lambda: _analyze(graph))
+
+
+def _analyze(graph: Graph) -> ChannelAnalysis:
     from compressc.passes.analysis.channel_rules import propagate
 
     ctx = WalkContext(graph)
@@ -378,8 +379,7 @@ def analyze_channels(graph: Graph) -> ChannelAnalysis:
             propagate(ctx, node)
         analysis = _finish(ctx)
     for w in analysis.warnings:
-        warnings.warn(f"{w.node}: {w.reason}; its channels are kept", ChannelAnalysisWarning, stacklevel=3)
-    graph.__dict__[_CACHE_KEY] = analysis
+        warnings.warn(f"{w.node}: {w.reason}; its channels are kept", ChannelAnalysisWarning, stacklevel=6)
     return analysis
 
 
@@ -405,6 +405,6 @@ class ChannelGroupsPass:
 
     name: ClassVar[str] = "channel-groups"
 
-    def apply(self, graph: Graph) -> Graph:
+    def apply(self, ctx, graph: Graph) -> Graph:
         analyze_channels(graph)
         return graph

@@ -222,6 +222,6 @@ class CostAnalysisPass:
 
     name: ClassVar[str] = "cost"
 
-    def apply(self, graph: Graph) -> Graph:
+    def apply(self, ctx, graph: Graph) -> Graph:
         return analyze_cost(graph)
 

@@ -35,11 +35,12 @@ from compressc.errors import UserError
 from compressc.ir import Graph
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
 from compressc.passes.lowering.prune_channels import prune_channels
+from compressc.passes.lowering.remove_layers import removed_view
 from compressc.passes.lowering.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
 from compressc.passes.lowering.sparsify import block_mask
 from compressc.plan import LayerSettings, Plan, weight_tensors
 
-__all__ = ["Prepared", "Compact", "prepare", "finalize", "lower", "predict_bytes", "to_record", "quant_spec", "PlanError"]
+__all__ = ["Prepared", "Compact", "prepare", "finalize", "lower", "compact_graph", "predict_bytes", "to_record", "quant_spec", "PlanError"]
 
 
 class PlanError(UserError):
@@ -107,13 +108,16 @@ def prepare(graph: Graph, plan: Plan) -> Prepared:
             f"the plan names {len(unknown)} tensor(s) that are not quantizable weights of the model: {', '.join(unknown[:5])}",
             hint="use names from compressc.plan.weight_tensors(graph.module), e.g. " + ", ".join(sorted(known)[:3]),
         )
-    module = prune_channels(graph, plan.channels) if plan.channels else copy.deepcopy(graph.module)
-    if plan.channels or plan.layers:  # an empty plan is the identity, bit for bit: nothing is folded
+    base, channels = removed_view(graph, plan.removed, plan.channels)
+    module = prune_channels(base, channels) if channels else copy.deepcopy(base.module)
+    if plan.channels or plan.layers or plan.removed:  # an empty plan is the identity, bit for bit: nothing is folded
         module = fold_batchnorm(module)
     params = dict(module.named_parameters())
     specs: dict[str, QuantSpec] = {}
     masks: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
     for name, settings in plan.layers.items():
+        if name not in params:
+            continue  # the tensor went with a removed block
         w = params[name]
         specs[name] = quant_spec(settings, w)
         if settings.sparsity > 0:
@@ -173,6 +177,15 @@ def finalize(prepared: Prepared, module: torch.nn.Module | None = None) -> Compa
             else:
                 records.append(_float_record(name, t))
     return Compact(module, records, prepared.plan, quantized)
+
+
+def compact_graph(graph: Graph) -> Compact:
+    """The artifact of a graph as a pipeline left it: weights named in ``graph.storage`` stored with
+    those settings (the module already holds their dequantized values), the rest float32."""
+    params = dict(graph.module.named_parameters())
+    specs = {name: quant_spec(s, params[name]) for name, s in graph.storage.items() if name in params}
+    plan = Plan(layers={name: s for name, s in graph.storage.items() if name in params})
+    return finalize(Prepared(graph.module, specs, {}, plan))
 
 
 def lower(graph: Graph, plan: Plan) -> Compact:

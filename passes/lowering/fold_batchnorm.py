@@ -108,9 +108,11 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
 
 @dataclass(frozen=True)
 class FoldBatchNormPass:
-    """Pass form (``"fold-batchnorm"``)."""
+    """Pass form (``"fold-batchnorm"``): a new, re-traced graph."""
 
     name: ClassVar[str] = "fold-batchnorm"
 
-    def apply(self, gm: fx.GraphModule) -> fx.GraphModule:
-        return fold_batchnorm(gm)
+    def apply(self, ctx, graph):
+        from compressc.frontends.fx import trace
+
+        return trace(fold_batchnorm(graph.module), graph.example_inputs)

@@ -320,10 +320,42 @@ def masked_reference(graph: Graph, plan: ChannelPlan) -> nn.Module:
 
 @dataclass(frozen=True)
 class PruneChannelsPass:
-    """Pass form (``"prune-channels"``): the plan is the policy input, lowering does not decide."""
+    """Pass form (``"prune-channels"``): lowering takes its policy as input. ``plan``: a JSON file
+    holding a ``Plan`` (``Plan.to_dict``; its ``channels`` are used) or ``{group id: [units]}``;
+    without one, ``keep`` is the fraction of every prunable group kept, units ranked by L1 magnitude
+    (the best unit of every segment first). The result is a new, re-traced graph."""
 
     name: ClassVar[str] = "prune-channels"
-    plan: dict = field(default_factory=dict)
+    keep: float = 1.0
+    plan: str = ""
 
-    def apply(self, graph: Graph) -> fx.GraphModule:
-        return prune_channels(graph, self.plan)
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {self.keep}")
+
+    def channels(self, graph: Graph) -> dict[int, tuple[int, ...]]:
+        """The channel plan this pass applies to ``graph``."""
+        if self.plan:
+            import json
+            from pathlib import Path
+
+            data = json.loads(Path(self.plan).read_text())
+            data = data.get("channels", data) if isinstance(data, dict) else data
+            return {int(g): tuple(int(u) for u in units) for g, units in data.items()}
+        from compressc.passes.analysis.importance import get_criterion
+        from compressc.problem_builder import segment_aware_ranking
+
+        groups = [g for g in analyze_channels(graph).groups if g.prunable and g.size >= 2]
+        scores = get_criterion("l1").scores(graph, groups, None) if groups else {}
+        out = {}
+        for group in groups:
+            k = max(1, len(group.segments), int(round(self.keep * group.size)))
+            if k < group.size:
+                out[group.id] = tuple(sorted(segment_aware_ranking(group, np.asarray(scores[group.id]))[:k]))
+        return out
+
+    def apply(self, ctx, graph: Graph) -> Graph:
+        from compressc.frontends.fx import trace
+
+        channels = self.channels(graph)
+        return trace(prune_channels(graph, channels), graph.example_inputs) if channels else graph

@@ -34,7 +34,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from compressc.errors import UserError
 __all__ = [
     "QuantSpec", "QuantizedTensor", "QuantizationError", "quantize", "dequantize", "float8_grid", "CLIP_ALPHAS",
     "FLOAT8_DEFAULT_MAX_BITS", "Fitted", "UniformFit", "CodebookFit", "FITS", "fit", "fitted_of", "prepare_rows",
-    "to_rows", "from_rows", "float_values",
+    "to_rows", "from_rows", "float_values", "QuantizePass",
 ]
 
 SCHEMES = ("symmetric", "asymmetric", "codebook")
@@ -646,3 +646,29 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
         return torch.from_numpy(q.values.astype(np.float32))
     codes = to_rows(torch.from_numpy(q.codes.astype(np.int64)), q.channel_dim)
     return from_rows(fitted_of(q).decode(codes), q.shape, q.channel_dim).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class QuantizePass:
+    """Pass form (``"quantize"``): every weight tensor (``compressc.plan.weight_tensors``) at ``bits``
+    with ``scheme``, BatchNorm folded first (as ``compressc.compile`` does). The new graph's module
+    holds the dequantized weights and ``graph.storage`` the settings, so an artifact written from it
+    stores the packed codes."""
+
+    name: ClassVar[str] = "quantize"
+    bits: int = 8
+    scheme: str = "symmetric"
+
+    def __post_init__(self) -> None:
+        QuantSpec(bits=self.bits, scheme=self.scheme)  # a bad width or scheme fails here, with its message
+
+    def apply(self, ctx, graph):
+        from compressc.frontends.fx import trace
+        from compressc.passes.lowering.compact import lower
+        from compressc.plan import LayerSettings, Plan, weight_tensors
+
+        settings = LayerSettings(bits=self.bits, scheme=self.scheme)
+        plan = Plan(layers={name: settings for name in weight_tensors(graph.module)})
+        out = trace(lower(graph, plan).module, graph.example_inputs)
+        out.storage = dict(plan.layers)
+        return out
