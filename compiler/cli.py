@@ -246,3 +246,4 @@ def _print_table(graph: Graph, show_all: bool) -> None:
 
 
 from compressc import cli_compile  # noqa: E402,F401  (registers the default `compile` command)
+from compressc import cli_run  # noqa: E402,F401  (registers `run`)
