@@ -49,6 +49,7 @@ from compressc.passes.lowering.compact import Prepared
 from compressc.passes.lowering.fake_quant import fake_quantize_module
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm, foldable_batchnorms
 from compressc.passes.lowering.prune_channels import prune_channels
+from compressc.passes.lowering.remove_layers import removed_view
 from compressc.passes.lowering.quantize import QuantSpec
 from compressc.spec import Finetune
 
@@ -92,7 +93,7 @@ class RecoveryReport:
 def float_epochs(recipe: Finetune, prepared: Prepared) -> int:
     """How many of ``recipe.epochs`` the float stage gets.
 
-    A plan that only quantizes has nothing to recover in float (0); one that only prunes or sparsifies
+    A plan that only quantizes has nothing to recover in float (0); one that only prunes, removes blocks or sparsifies
     has nothing to recover quantization-aware (all). Otherwise ``float_fraction`` of them (``"auto"``:
     ``AUTO_FLOAT_FRACTION``), leaving at least one quantization-aware epoch.
 
@@ -104,7 +105,7 @@ def float_epochs(recipe: Finetune, prepared: Prepared) -> int:
     0
     """
     quantized = any(not s.is_float for s in prepared.specs.values())
-    restructured = bool(prepared.plan.channels) or bool(prepared.masks)
+    restructured = bool(prepared.plan.channels) or bool(prepared.plan.removed) or bool(prepared.masks)
     if not quantized:
         return recipe.epochs
     if not restructured:
@@ -205,7 +206,8 @@ def recover(
     if not (plan.channels or plan.layers):  # the identity plan: prepare() kept the module as it is
         return copy.deepcopy(prepared.module), RecoveryReport(())
     teacher = graph.module
-    student = prune_channels(graph, plan.channels) if plan.channels else copy.deepcopy(teacher)
+    base, channels = removed_view(graph, plan.removed, plan.channels)  # remove blocks first, then prune
+    student = prune_channels(base, channels) if channels else copy.deepcopy(base.module)
     masks = prepared.element_masks()
     stages: list[StageReport] = []
     recalibrated = 0
