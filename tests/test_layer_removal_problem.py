@@ -147,3 +147,21 @@ def test_cli_allow_layer_removal_lists_the_blocks_removed(tmp_path):
         result = CliRunner().invoke(main, args + ["--allow-layer-removal"], prog_name="compressc")
         assert result.exit_code == 0, result.output
         assert "blocks removed" in result.output and "residual" in result.output
+
+
+def test_removal_goes_through_staged_recovery(tmp_path):
+    """A target only removal can reach, with fine-tuning: the recovered student is built with the
+    blocks removed, and the written file is the predicted size."""
+    import runpy
+
+    path = tmp_path / "net.py"
+    path.write_text(RESIDUAL_MODEL)
+    ns = runpy.run_path(str(path))
+    x = ns["example_inputs"][0]
+    loader = [(torch.randn_like(x), torch.randint(0, 3, (x.shape[0],))) for _ in range(2)]
+    spec = Spec().merged({"actions": {"bits": [4], "keep_ratios": [0.5], "auto_sparsity": False, "remove_layers": True}})
+    result = compressc.compile(ns["model"], (x,), target_size="130", spec=spec, solver="uniform", train_loader=loader,
+                               finetune_epochs=2, progress=False, cache_dir=False)
+    assert result.plan.removed
+    assert result.report["weights_bytes"] == result.report["predicted_bytes"] <= 130
+    assert result.module(x).shape == (2, 3)
