@@ -103,12 +103,16 @@ torch.save(m(x), {str(tmp_path / 'y.pt')!r})
 @pytest.mark.parametrize("example", [resnet_basic, resnet_bottleneck])
 @pytest.mark.parametrize("solver", ["greedy", "convex", "uniform"])
 def test_reference_resnets_lose_blocks_under_a_tight_budget(example, solver, tmp_path):
+    """A byte target one below the smallest plan without removal (default spec, no automatic sparsity):
+    every solver must remove blocks, and the artifact loads."""
     model, inputs = example()
-    result = compressc.compile(model, inputs, target_size="3%", solver=solver, allow_layer_removal=True,
-                               progress=False, cache_dir=tmp_path / "cache")
-    assert result.report["weights_bytes"] <= result.report["target_bytes"]
-    if example is resnet_bottleneck or solver == "convex":
-        assert result.plan.removed
+    spec = Spec().merged({"actions": {"auto_sparsity": False}})
+    cache = tmp_path / "cache"
+    without = build_problem(compressc.trace(model, inputs), spec, cache_dir=cache)
+    target = without.bytes(without.most_compressed()) - 1
+    result = compressc.compile(model, inputs, target_size=target, spec=spec, solver=solver, allow_layer_removal=True,
+                               progress=False, cache_dir=cache)
+    assert result.plan.removed and result.report["weights_bytes"] <= target
     result.save(tmp_path / "out")
     torch.testing.assert_close(compressc.load(tmp_path / "out")(*inputs), result.module(*inputs))
 
