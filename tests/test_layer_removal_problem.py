@@ -103,10 +103,10 @@ torch.save(m(x), {str(tmp_path / 'y.pt')!r})
 @pytest.mark.parametrize("example", [resnet_basic, resnet_bottleneck])
 @pytest.mark.parametrize("solver", ["greedy", "convex", "uniform"])
 def test_reference_resnets_lose_blocks_under_a_tight_budget(example, solver, tmp_path):
-    """A byte target one below the smallest plan without removal (default spec, no automatic sparsity):
+    """A byte target one below the smallest plan without removal (default spec, no automatic grid extension):
     every solver must remove blocks, and the artifact loads."""
     model, inputs = example()
-    spec = Spec().merged({"actions": {"auto_sparsity": False}})
+    spec = Spec().merged({"actions": {"auto_extend": False}})
     cache = tmp_path / "cache"
     without = build_problem(compressc.trace(model, inputs), spec, cache_dir=cache)
     target = without.bytes(without.most_compressed()) - 1
@@ -140,9 +140,9 @@ def test_cli_allow_layer_removal_lists_the_blocks_removed(tmp_path):
     from compressc.cli import main
 
     (tmp_path / "net.py").write_text(RESIDUAL_MODEL)
-    (tmp_path / "spec.toml").write_text('[actions]\nbits = [4]\nkeep_ratios = [0.5]\nauto_sparsity = false\n')
-    # the smallest size without removal is 167 bytes; with removal 95
-    args = ["net.py", "--target-size", "130", "--spec", "spec.toml", "--solver", "uniform", "-o", "out"]
+    (tmp_path / "spec.toml").write_text('[actions]\nbits = [4]\nkeep_ratios = [0.5]\nauto_extend = false\n')
+    # the smallest size without removal is 596 bytes; with removal 183
+    args = ["net.py", "--target-size", "400", "--spec", "spec.toml", "--solver", "uniform", "-o", "out"]
     with CliRunner().isolated_filesystem(temp_dir=tmp_path) as cwd:
         (tmp_path / "net.py").replace(f"{cwd}/net.py")
         (tmp_path / "spec.toml").replace(f"{cwd}/spec.toml")
@@ -163,9 +163,9 @@ def test_removal_goes_through_staged_recovery(tmp_path):
     ns = runpy.run_path(str(path))
     x = ns["example_inputs"][0]
     loader = [(torch.randn_like(x), torch.randint(0, 3, (x.shape[0],))) for _ in range(2)]
-    spec = Spec().merged({"actions": {"bits": [4], "keep_ratios": [0.5], "auto_sparsity": False, "remove_layers": True}})
-    result = compressc.compile(ns["model"], (x,), target_size="130", spec=spec, solver="uniform", train_loader=loader,
+    spec = Spec().merged({"actions": {"bits": [4], "keep_ratios": [0.5], "auto_extend": False, "remove_layers": True}})
+    result = compressc.compile(ns["model"], (x,), target_size="400", spec=spec, solver="uniform", train_loader=loader,
                                finetune_epochs=2, progress=False, cache_dir=False)
     assert result.plan.removed
-    assert result.report["weights_bytes"] == result.report["predicted_bytes"] <= 130
+    assert result.report["weights_bytes"] == result.report["predicted_bytes"] <= 400
     assert result.module(x).shape == (2, 3)
