@@ -47,11 +47,17 @@ def default_output_dir(model_file: Path) -> Path:
               help="Write the result even if it breaks --max-accuracy-drop (with a warning; exit code 0).")
 @click.option("--allow-layer-removal", is_flag=True, default=None,
               help="Let the solver remove whole residual blocks and shape-preserving layers (actions.remove_layers).")
+@click.option("--max-evaluations", type=int, help="Score-based search: plans scored at most (e.g. 40).")
+@click.option("--time-limit", help="Score-based search: wall-time limit (90s, 10m, 1h30m).")
+@click.option("--executor", help="Where candidates are scored: serial, processes or ray.")
+@click.option("--workers", type=int, help="Worker processes / Ray actors (default 2).")
+@click.option("--ray-address", help="A Ray cluster to join (default: start a local one).")
+@click.option("--devices", help="One worker per device: cuda:0,cuda:1.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
-                    finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, as_json: bool,
-                    force: bool) -> None:
+                    finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, max_evaluations,
+                    time_limit, executor, workers, ray_address, devices, as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
     import torch
 
@@ -61,7 +67,10 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
                  "solver": solver, "seed": seed, "device": device,
                  "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None,
-                 "actions": {"remove_layers": True} if allow_layer_removal else None}
+                 "actions": {"remove_layers": True} if allow_layer_removal else None,
+                 "search": {"max_evaluations": max_evaluations, "time_limit": time_limit, "executor": executor,
+                            "workers": workers, "ray_address": ray_address,
+                            "devices": None if devices is None else [d.strip() for d in devices.split(",")]}}
     spec = spec.merged({k: v for k, v in overrides.items() if v is not None})
     if not spec.has_target:
         raise UserError("no target given", hint="add --target-size 4MB (or --target-flops / --max-accuracy-drop, or a spec file)")
@@ -78,7 +87,7 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
         err.print(f"[yellow]note:[/] {model_file} has no train_loader: fine-tuning is skipped")
     result = compressc.compile(
         mf.module, mf.example_inputs, spec=spec, evaluate=mf.evaluate, train_loader=mf.train_loader,
-        calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn, progress=err.is_terminal,
+        calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn, model_file=model_file, progress=err.is_terminal,
         log=lambda msg: err.print(f"[dim]compressc:[/] {msg}"), best_effort=best_effort,
     )
     result.info = result.info.replace(model_file=str(model_file))

@@ -35,7 +35,8 @@ from compressc.plan_selection import candidate_count, candidate_plans, select_pl
 from compressc.recovery import recover
 from compressc.problem import Budget, Problem
 from compressc.report import ModelStats, Report
-from compressc.solvers.base import get_solver
+from compressc.search import Evaluator, SearchBudget, Workload
+from compressc.solvers.base import Solver, get_solver
 from compressc.spec import Spec
 
 __all__ = ["compile", "CompileResult", "BudgetError", "AccuracyFloorError", "AccuracyFloorWarning"]
@@ -103,6 +104,18 @@ def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list
     return batches or None
 
 
+def _evaluator(model, example_inputs, spec: Spec, *, evaluate, loss_fn, calibration_loader, train_loader,
+               model_file) -> Evaluator:
+    """The evaluator a solver with the ``score`` capability searches with: the spec's executor and budget."""
+    workload = Workload.in_memory(
+        model, example_inputs, evaluate=evaluate, loss_fn=loss_fn, calibration=calibration_loader,
+        train_loader=train_loader, model_file=model_file, recipe=spec.finetune)
+    s = spec.search
+    devices = list(s.devices) or [spec.device] * s.worker_count
+    return Evaluator(workload, executor=s.executor, workers=s.worker_count, devices=devices, address=s.ray_address,
+                     budget=SearchBudget(s.max_evaluations, s.time_limit), seed=spec.seed)
+
+
 def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph) -> dict[str, Any]:
     from compressc.passes.analysis.channel_groups import analyze_channels
     from compressc.passes.analysis.removable_blocks import removable_blocks
@@ -126,7 +139,7 @@ def compile(
     *,
     target_flops: str | int | None = None,
     max_accuracy_drop: float | str | None = None,
-    solver: str | None = None,
+    solver: str | Solver | None = None,
     spec: Spec | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
     train_loader: Iterable | None = None,
@@ -140,6 +153,11 @@ def compile(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     best_effort: bool = False,
+    max_evaluations: int | None = None,
+    time_limit: str | float | None = None,
+    executor: str | None = None,
+    workers: int | None = None,
+    model_file=None,
 ) -> CompileResult:
     """Compress ``model`` to the targets and return the compact model with its report.
 
@@ -149,20 +167,28 @@ def compile(
     ``AccuracyFloorError`` (which carries the result), unless ``best_effort`` is set: then the result
     is returned with an ``AccuracyFloorWarning``. Raises
     ``UserError`` subclasses for requests no plan can meet (with the achievable minimum), and
-    ``SpecError`` / ``SizeError`` for bad values.
+    ``SpecError`` / ``SizeError`` for bad values. ``solver`` is a registry name or a solver instance
+    (``RandomSolver(samples=64)``); ``max_evaluations``, ``time_limit``, ``executor`` and ``workers``
+    override the spec's ``[search]`` table; ``model_file``: the file ``model`` came from, so that worker
+    processes rebuild it from there.
     """
     t0 = time.perf_counter()
     say = log or (lambda msg: None)
+    solver_object = None if solver is None or isinstance(solver, str) else solver
+    if solver_object is not None and not isinstance(solver_object, Solver):
+        raise UserError(f"solver={solver!r} is neither a solver name nor a solver (name, capabilities, solve)")
+    search = {"max_evaluations": max_evaluations, "time_limit": time_limit, "executor": executor, "workers": workers}
     overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
-                 "solver": solver, "seed": seed, "device": device,
+                 "solver": solver if solver_object is None else type(solver_object).name, "seed": seed, "device": device,
                  "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None,
-                 "actions": {"remove_layers": allow_layer_removal} if allow_layer_removal is not None else None}
+                 "actions": {"remove_layers": allow_layer_removal} if allow_layer_removal is not None else None,
+                 "search": {k: v for k, v in search.items() if v is not None} or None}
     spec = (spec or Spec()).merged({k: v for k, v in overrides.items() if v is not None}, source="compile() arguments")
     if not spec.has_target:
         raise BudgetError("no target given", hint="pass target_size (e.g. '4MB', '25%', '8x'), target_flops or max_accuracy_drop")
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device = 'cuda' but torch sees no CUDA device", hint="use --device cpu")
-    solver_impl = get_solver(spec.solver, **spec.solver_options)  # bad solver options fail before any work
+    solver_impl = solver_object or get_solver(spec.solver, **spec.solver_options)  # bad options fail before any work
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     torch.manual_seed(spec.seed)
@@ -224,7 +250,47 @@ def compile(
         budget = _accuracy_budget(problem, graph, solver_impl, spec, evaluate, accuracy_before, say)
     if budget.flops is not None and "flops" not in type(solver_impl).capabilities:
         raise BudgetError(f"solver {spec.solver!r} does not honour FLOPs budgets",
-                          hint="use a solver with the 'flops' capability (uniform, greedy, convex), or drop target_flops")
+                          hint="use a solver with the 'flops' capability (uniform, greedy, convex, random), or drop target_flops")
+    if "score" in solver_impl.capabilities:
+        problem.evaluator = _evaluator(model, example_inputs, spec, evaluate=evaluate, loss_fn=loss_fn,
+                                       calibration_loader=calibration_loader, train_loader=train_loader,
+                                       model_file=model_file)
+        # the search scored its candidates recovered on these batches: the chosen plan ships recovered on the same
+        calibration_loader = problem.evaluator.workload.bn_batches()
+    try:
+        plan, attempt, measured, compact, recovery, report = _solve_and_lower(
+            problem, solver_impl, budget, graph, spec, totals, report, timings, say, train_loader=train_loader,
+            evaluate=evaluate, loss_fn=loss_fn, calibration_loader=calibration_loader, progress=progress)
+    finally:
+        if problem.evaluator is not None:
+            problem.evaluator.close()
+    after = trace(compact.module, tuple(example_inputs)).totals()
+    accuracy_after = _evaluate(evaluate, compact.module, "on the compressed model")
+    statistics = getattr(solver_impl, "statistics", None)
+    report = report.replace(
+        plan=plan.to_dict(),
+        plan_summary=_plan_summary(plan, problem, graph),
+        predicted_bytes=problem.bytes_of(plan),
+        weights_bytes=measured,
+        compressed=ModelStats(params=after.params, macs=after.macs, flops=after.flops, accuracy=accuracy_after),
+        objective=_objective(problem, plan),
+        attempts=attempt + 1,
+        recovery=recovery.to_dict(),
+        search=None if problem.evaluator is None else problem.evaluator.stats(),
+        solver_statistics=statistics() if callable(statistics) else None,
+        timings={k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()},
+    )
+    if spec.max_accuracy_drop is not None:
+        report = report.replace(accuracy_floor_met=accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12)
+    result = CompileResult(compact.module, plan, report, compact)
+    if report.accuracy_floor_met is False:
+        _floor_missed(result, accuracy_before, accuracy_after, spec.max_accuracy_drop, best_effort, say)
+    return result
+
+
+def _solve_and_lower(problem, solver_impl, budget, graph, spec, totals, report, timings, say, *, train_loader,
+                     evaluate, loss_fn, calibration_loader, progress):
+    """Solve, lower, recover and measure; tighten the budget by the overshoot if the file is over it."""
     rng = np.random.default_rng(spec.seed)
     effective = budget
     ratio = totals.weight_bytes / budget.bytes if budget.bytes else None
@@ -260,25 +326,7 @@ def compile(
         effective = Budget(bytes=effective.bytes - (measured - budget.bytes), flops=effective.flops)
     else:
         raise BudgetError(f"could not meet {budget.bytes:,} bytes after 5 attempts (last: {measured:,})")
-    after = trace(compact.module, tuple(example_inputs)).totals()
-    accuracy_after = _evaluate(evaluate, compact.module, "on the compressed model")
-    report = report.replace(
-        plan=plan.to_dict(),
-        plan_summary=_plan_summary(plan, problem, graph),
-        predicted_bytes=problem.bytes_of(plan),
-        weights_bytes=measured,
-        compressed=ModelStats(params=after.params, macs=after.macs, flops=after.flops, accuracy=accuracy_after),
-        objective=_objective(problem, plan),
-        attempts=attempt + 1,
-        recovery=recovery.to_dict(),
-        timings={k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()},
-    )
-    if spec.max_accuracy_drop is not None:
-        report = report.replace(accuracy_floor_met=accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12)
-    result = CompileResult(compact.module, plan, report, compact)
-    if report.accuracy_floor_met is False:
-        _floor_missed(result, accuracy_before, accuracy_after, spec.max_accuracy_drop, best_effort, say)
-    return result
+    return plan, attempt, measured, compact, recovery, report
 
 
 def _floor_missed(result: CompileResult, before: float, after: float, allowed: float, best_effort: bool, say) -> None:

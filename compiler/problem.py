@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from compressc.plan import LayerSettings, Plan
+
+if TYPE_CHECKING:
+    from compressc.search.evaluator import Evaluator
 
 __all__ = ["Knob", "TensorCost", "Budget", "Problem", "Choice", "option_index"]
 
@@ -111,8 +114,9 @@ class Budget:
 class Problem:
     """Knobs, exact cost functions and (optionally) a real score of a plan.
 
-    ``bytes_of`` / ``flops_of`` take a ``Plan``; ``score`` (higher is better, e.g. accuracy after a
-    quick lowering) is only set when the driver can afford it. ``ranking[g]`` orders group ``g``'s units
+    ``bytes_of`` / ``flops_of`` take a ``Plan``; ``evaluator`` (a ``compressc.search.Evaluator``:
+    ``evaluator.score(plan)`` is the real score of a lowered plan, higher is better) is set by the
+    driver for solvers with the ``score`` capability, None otherwise. ``ranking[g]`` orders group ``g``'s units
     from most to least important: a ``keep`` option of ``k`` keeps ``ranking[g][:k]``.
     """
 
@@ -124,7 +128,7 @@ class Problem:
     sparsity_kind: str = "unstructured"
     tensor_costs: tuple[TensorCost, ...] = ()
     fixed_bytes: int = 0  # bytes of what no knob changes (float tensors, headers): for relaxations
-    score: Callable[[Plan], float] | None = None
+    evaluator: "Evaluator | None" = None
 
     # -- choices and plans ---------------------------------------------------------------------
     def uncompressed(self) -> Choice:

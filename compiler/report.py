@@ -64,6 +64,8 @@ class Report:
     objective: float | None = field(default=None, metadata=_OPTIONAL)
     attempts: int | None = field(default=None, metadata=_OPTIONAL)
     recovery: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # RecoveryReport.to_dict()
+    search: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # Evaluator.stats(): score solvers only
+    solver_statistics: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # solver.statistics()
     timings: dict[str, float] | None = field(default=None, metadata=_OPTIONAL)
     accuracy_floor_met: bool | None = field(default=None, metadata=_OPTIONAL)
     model_file: str | None = field(default=None, metadata=_OPTIONAL)

@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from compressc.errors import UserError
-from compressc.units import SizeError, parse_size
+from compressc.units import DurationError, SizeError, parse_duration, parse_size
 from compressc.units import parse_flops as units_parse_flops
 
-__all__ = ["Spec", "Actions", "Finetune", "LayerRule", "ResolvedRule", "SpecError", "parse_flops",
+__all__ = ["Spec", "Actions", "Finetune", "Search", "LayerRule", "ResolvedRule", "SpecError", "parse_flops",
            "ALLOWED_BITS", "SPARSITY_KINDS", "QUANT_SCHEMES", "DEVICES"]
 
 ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 SPARSITY_KINDS = ("unstructured", "kernel")
 QUANT_SCHEMES = ("symmetric", "asymmetric", "codebook")
 DEVICES = ("cpu", "cuda")
+EXECUTORS = ("serial", "processes", "ray")
 MAX_SEED = 2**32 - 1
 _ANY_REFERENCE = 10**18  # checks the syntax of a relative target without knowing the original
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
@@ -351,6 +352,70 @@ class Finetune:
 
 
 @dataclass(frozen=True)
+class Search:
+    """Score-based search (the ``[search]`` table): its budget and where candidates are scored.
+
+    ``executor``: ``serial``, ``processes`` or ``ray``; ``workers``: how many (default 2 for
+    ``processes`` and ``ray``; one per entry of ``devices`` when those are given); ``ray_address``:
+    a cluster to join (only with ``ray``); ``time_limit``: ``"10m"``, ``"90s"`` or seconds.
+
+    >>> Search(max_evaluations=40, time_limit="10m", executor="processes").worker_count
+    2
+    """
+
+    max_evaluations: int | None = None
+    time_limit: str | int | float | None = None
+    executor: str = "serial"
+    workers: int | None = None
+    ray_address: str | None = None
+    devices: tuple[str, ...] = ()
+
+    _optional: ClassVar[frozenset[str]] = frozenset({"max_evaluations", "time_limit", "workers", "ray_address"})
+    _checks: ClassVar[dict[str, Callable[[Any, Key], Any]]] = {
+        "max_evaluations": lambda v, k: _int(v, k, lo=1),
+        "time_limit": lambda v, k: _duration(v, k),
+        "executor": lambda v, k: _choice(v, k, EXECUTORS, "an executor"),
+        "workers": lambda v, k: _int(v, k, lo=1),
+        "ray_address": _name,
+        "devices": lambda v, k: _array(_device)(v, k),
+    }
+
+    def __post_init__(self) -> None:
+        _validate(self, ("search",))
+        if self.ray_address is not None and self.executor != "ray":
+            raise SpecError(f"ray_address is set but the executor is {_show(self.executor)}", key=("search", "ray_address"),
+                            hint='set executor = "ray", or drop ray_address')
+        if self.devices and self.workers is not None and self.workers != len(self.devices):
+            raise SpecError(f"{self.workers} workers but {len(self.devices)} devices", key=("search", "workers"),
+                            hint="one worker runs per device: drop workers, or list one device per worker")
+        if self.executor == "serial" and ((self.workers or 1) > 1 or len(self.devices) > 1):
+            raise SpecError("the serial executor runs one worker", key=("search", "executor"),
+                            hint='use executor = "processes" (or "ray") for several workers')
+
+    @property
+    def worker_count(self) -> int:
+        if self.devices:
+            return len(self.devices)
+        return self.workers or (1 if self.executor == "serial" else 2)
+
+
+def _duration(v: Any, key: Key) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise _expected(v, key, 'a duration ("10m", "90s", or seconds)')
+    try:
+        parse_duration(v, what=_fmt_key(key))
+    except DurationError as e:
+        raise SpecError(e.message.removeprefix(f"{_fmt_key(key)}: "), key=key, hint=e.hint) from None
+    return v
+
+
+def _device(v: Any, key: Key) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+        raise _expected(v, key, 'a device: "cpu", "cuda" or "cuda:N"')
+    return v
+
+
+@dataclass(frozen=True)
 class LayerRule:
     """Settings for the modules whose qualified name matches ``pattern`` (an ``fnmatch`` glob; ``*``
     crosses dots). ``None`` leaves a setting to earlier rules, the actions and the solver.
@@ -424,6 +489,7 @@ class Spec:
     solver_options: dict[str, Any] = field(default_factory=dict, hash=False)
     actions: Actions = field(default_factory=Actions)
     finetune: Finetune = field(default_factory=Finetune)
+    search: Search = field(default_factory=Search)
     rules: tuple[LayerRule, ...] = ()
 
     _optional: ClassVar[frozenset[str]] = frozenset({"target_size", "target_flops", "max_accuracy_drop"})
@@ -438,6 +504,7 @@ class Spec:
         "solver_options": lambda v, k: _options(v, k) if isinstance(v, Mapping) else _raise(_expected(v, k, "a table")),
         "actions": lambda v, k: v if isinstance(v, Actions) else _raise(_expected(v, k, "an Actions")),
         "finetune": lambda v, k: v if isinstance(v, Finetune) else _raise(_expected(v, k, "a Finetune")),
+        "search": lambda v, k: v if isinstance(v, Search) else _raise(_expected(v, k, "a Search")),
         "rules": _array(lambda v, k: v if isinstance(v, LayerRule) else _raise(_expected(v, k, "a LayerRule"))),
     }
 
@@ -528,6 +595,7 @@ class Spec:
             "solver_options": copy.deepcopy(self.solver_options),
             "actions": table(self.actions, tuple(Actions._checks)),
             "finetune": table(self.finetune, tuple(Finetune._checks)),
+            "search": table(self.search, tuple(Search._checks)),
             "rules": {r.pattern: table(r, _RULE_FIELDS) for r in self.rules},
         }
 
@@ -597,7 +665,8 @@ def parse_flops(text: str | int | float, *, reference: int | None = None, what: 
 # -- dict layout -> Spec ---------------------------------------------------------------------------------
 _TOP = tuple(f.name for f in dataclasses.fields(Spec))
 _HOMES: dict[str, Key] = {**{n: (n,) for n in _TOP}, **{n: ("actions", n) for n in Actions._checks},
-                          **{n: ("finetune", n) for n in Finetune._checks}}
+                          **{n: ("finetune", n) for n in Finetune._checks},
+                          **{n: ("search", n) for n in Search._checks}}
 
 
 def _raise(err: Exception) -> Any:
@@ -639,7 +708,7 @@ def _build(data: Any) -> Spec:
         raise _expected(data, (), "a table of settings")
     top = _table(data, (), _TOP)
     kwargs = dict(top)
-    for name, cls in (("actions", Actions), ("finetune", Finetune)):
+    for name, cls in (("actions", Actions), ("finetune", Finetune), ("search", Search)):
         if name in top:
             kwargs[name] = cls(**_table(top[name], (name,), tuple(cls._checks)))
     if "rules" in top:

@@ -12,17 +12,23 @@ rounding.
 (250000, 125000)
 >>> parse_flops("150M"), parse_flops("1.2G"), parse_flops(3e8), parse_flops("4x", reference=1000)
 (150000000, 1200000000, 300000000, 250)
+
+Durations (a search's time limit) are seconds, or text with ``s``, ``m`` and ``h`` parts:
+
+>>> parse_duration("10m"), parse_duration("1h30m"), parse_duration(90), parse_duration("2.5s")
+(600.0, 5400.0, 90.0, 2.5)
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
 from compressc.errors import UserError
 
-__all__ = ["parse_size", "parse_flops", "SizeError", "UNITS", "FLOP_UNITS"]
+__all__ = ["parse_size", "parse_flops", "SizeError", "UNITS", "FLOP_UNITS", "parse_duration", "DurationError"]
 
 UNITS = {
     "": 1, "b": 1,
@@ -87,3 +93,32 @@ def parse_size(text: str | int | float, *, reference: int | None = None, what: s
 def parse_flops(text: str | int | float, *, reference: int | None = None, what: str = "target_flops") -> int:
     """FLOPs meant by ``text``. ``reference`` (the original model's FLOPs) resolves ``%`` and ``x``."""
     return _parse(text, _FLOPS, reference, what)
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smh])")
+
+
+class DurationError(UserError):
+    """A time limit that is not a positive duration."""
+
+
+def parse_duration(value: str | int | float, *, what: str = "time_limit") -> float:
+    """Seconds in ``value``: a number of seconds, or text such as ``"90s"``, ``"10m"``, ``"1h30m"``."""
+    hint = 'write e.g. "90s", "10m", "1h30m", or a number of seconds'
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _PART.findall(text)
+            if not parts or _PART.sub("", text).strip():
+                raise DurationError(f"{what}: {value!r} is not a duration", hint=hint) from None
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise DurationError(f"{what}: expected a duration, got {type(value).__name__} {value!r}", hint=hint)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise DurationError(f"{what}: {value!r} must be a positive duration", hint=hint)
+    return seconds

@@ -4,8 +4,8 @@ A solver turns a ``Problem`` and a ``Budget`` into a ``Plan`` that meets the bud
 and third-party ones register the same way: an entry point in the ``compressc.solvers`` group naming a
 class with a ``name``, ``capabilities`` and ``solve(problem, budget, rng)``.
 
->>> sorted(available_solvers())[:3]
-['convex', 'greedy', 'uniform']
+>>> sorted(available_solvers())[:4]
+['convex', 'greedy', 'random', 'uniform']
 >>> get_solver("uniform").name
 'uniform'
 """
@@ -30,7 +30,9 @@ ENTRY_POINT_GROUP = "compressc.solvers"
 @runtime_checkable
 class Solver(Protocol):
     """``name``: the registry name. ``capabilities``: what the solver can honour, a subset of
-    ``{"bytes", "flops", "score"}`` (``score``: it uses ``problem.score`` when there is one).
+    ``{"bytes", "flops", "score"}`` (``score``: it searches with ``problem.evaluator``, which the
+    driver sets for such solvers; tests and toy problems may leave it None). A solver may also have
+    ``statistics() -> dict``: what its last ``solve`` did, copied into ``report.json``.
     ``solve`` must return a plan whose choice is feasible for ``budget`` and be deterministic for a
     given ``rng`` seed; it may assume that ``problem.most_compressed()`` is feasible (the driver checks
     that first)."""

@@ -237,6 +237,11 @@ class ConvexSolver:
         self.triple_candidates = int(triple_candidates)
         self.stats: dict = {}
 
+    def statistics(self) -> dict:
+        """``stats`` of the last solve (for report.json's ``solver_statistics``)."""
+        return {k: (bool(v) if isinstance(v, (bool, np.bool_)) else float(v) if isinstance(v, float) else v)
+                for k, v in self.stats.items()}
+
     def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan:
         self._u = units = _units(problem)
         self._work = 0.0  # cells of move tables and knapsack fronts: bounds the search, deterministically

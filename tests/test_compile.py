@@ -100,6 +100,11 @@ def test_finetuning_with_distillation_reports_accuracy(tmp_path):
         (["--target-flops", "1"], "below the fewest"),
         (["--target-size", "50%", "--solver", "convx"], "did you mean 'convex'"),
         ([], "no target"),
+        (["--target-size", "50%", "--executor", "threads"], "is not an executor"),
+        (["--target-size", "50%", "--time-limit", "soon"], "is not a duration"),
+        (["--target-size", "50%", "--workers", "2"], "the serial executor runs one worker"),
+        (["--target-size", "50%", "--max-evaluations", "0"], "out of range"),
+        (["--target-size", "50%", "--ray-address", "auto"], "set executor = \"ray\""),
     ],
 )
 def test_bad_requests_exit_2_and_write_nothing(tmp_path, args, pattern):
@@ -313,10 +318,48 @@ def test_report_json_has_the_documented_keys(tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert list(report) == ["spec", "solver", "seed", "original", "target_bytes", "target_flops", "extended_actions",
                             "noop", "plan", "plan_summary", "predicted_bytes", "weights_bytes", "compressed", "objective",
-                            "attempts", "recovery", "timings", "accuracy_floor_met", "model_file", "model_py_bytes"]
+                            "attempts", "recovery", "solver_statistics", "timings", "accuracy_floor_met", "model_file",
+                            "model_py_bytes"]
     assert list(report["original"]) == ["weights_bytes", "fp32_weight_bytes", "params", "macs", "flops", "accuracy"]
     assert list(report["compressed"]) == ["params", "macs", "flops", "accuracy"]
     assert list(report["recovery"]) == ["recalibration_batches", "stages"]
     res = _run(model, "--target-size", "1GB", "--json")
     assert set(json.loads(res.stdout)) == {"spec", "solver", "seed", "original", "target_bytes", "target_flops", "noop",
                                            "plan", "weights_bytes", "model_file"}
+
+
+def test_random_search_through_the_cli_ships_the_plan_it_scored_best(tmp_path):
+    model = _write(tmp_path, TRAINABLE)
+    res = _run(model, "--target-size", "30%", "--solver", "random", "--max-evaluations", "6", "--json",
+               "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["search"]["evaluations"] == 6 == report["solver_statistics"]["scored"]
+    assert report["search"]["stopped_by"] == "max_evaluations" and report["search"]["executor"] == "serial"
+    assert report["compressed"]["accuracy"] == report["solver_statistics"]["best_score"]
+    assert report["weights_bytes"] <= report["target_bytes"]
+
+
+def test_a_solver_object_is_accepted_and_its_statistics_reported():
+    from compressc.solvers.random_search import RandomSolver
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    result = compressc.compile(net, (torch.randn(4, 16),), target_size="30%", solver=RandomSolver(samples=3),
+                               progress=False, cache_dir=False)
+    assert result.report["solver"] == "random" and result.report["spec"]["solver"] == "random"
+    assert result.report["solver_statistics"]["scored"] == 3 == result.report["search"]["evaluations"]
+    with pytest.raises(compressc.UserError, match="neither a solver name nor a solver"):
+        compressc.compile(net, (torch.randn(4, 16),), target_size="30%", solver=object(), progress=False)
+
+
+@pytest.mark.slow
+def test_processes_and_serial_write_byte_identical_artifacts(tmp_path):
+    model = _write(tmp_path, TRAINABLE)
+    outs = []
+    for name, extra in (("serial", []), ("processes", ["--executor", "processes", "--workers", "2"])):
+        res = _run(model, "--target-size", "30%", "--solver", "random", "--max-evaluations", "8", "-o",
+                   tmp_path / name, *extra)
+        assert res.exit_code == 0, res.output
+        outs.append((tmp_path / name / "weights.cqw").read_bytes())
+    assert outs[0] == outs[1]

@@ -24,7 +24,7 @@ from compressc.solvers.base import Solver, get_solver
 from compressc.solvers.convex import ConvexSolver
 from compressc.solvers.milp import exact_optimum
 
-from .solver_conformance import FlopsConformance, SolverConformance
+from compressc.testing import FlopsConformance, SolverConformance
 
 BITS = (32, 8, 6, 4, 3, 2)
 SPARSITY = (0.0, 0.25, 0.5, 0.75)

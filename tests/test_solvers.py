@@ -22,11 +22,11 @@ from compressc.solvers.base import ENTRY_POINT_GROUP, SolverError, UnknownSolver
 from compressc.solvers.greedy import GreedySolver
 from compressc.solvers.uniform import UniformSolver
 
-from .solver_conformance import (PROBLEMS, FlopsConformance, SolverConformance, choice_of, coupled_problem,
-                                 separable_problem)
+from compressc.testing import (PROBLEMS, FlopsConformance, SolverConformance, choice_of, coupled_problem,
+                               separable_problem)
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILTINS = {"uniform", "greedy", "convex"}
+BUILTINS = {"uniform", "greedy", "convex", "random"}
 
 
 class TestUniform(SolverConformance, FlopsConformance):

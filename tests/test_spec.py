@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compressc.errors import UserError
-from compressc.spec import (ALLOWED_BITS, SPARSITY_KINDS, Actions, Finetune, LayerRule, ResolvedRule, Spec,
+from compressc.spec import (ALLOWED_BITS, SPARSITY_KINDS, Actions, Finetune, LayerRule, ResolvedRule, Search, Spec,
                             SpecError, parse_flops)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -350,12 +350,13 @@ def test_docs_list_every_key_with_its_default():
     tables = _doc_tables()
     d = Spec().to_dict()
     sections = {"Top-level keys": (Spec, d), "`[actions]`": (Actions, d["actions"]),
-                "`[finetune]`": (Finetune, d["finetune"]), '`[rules."GLOB"]`': (LayerRule, {})}
+                "`[finetune]`": (Finetune, d["finetune"]), "`[search]`": (Search, d["search"]),
+                '`[rules."GLOB"]`': (LayerRule, {})}
     for prefix, (cls, defaults) in sections.items():
         documented = next(t for s, t in tables.items() if s.startswith(prefix))
         keys = list(cls._checks)
         if cls is Spec:
-            keys = [k for k in keys if k not in ("solver_options", "actions", "finetune", "rules")]
+            keys = [k for k in keys if k not in ("solver_options", "actions", "finetune", "search", "rules")]
         assert list(documented) == keys, prefix
         for k, cell in documented.items():
             assert _default(cell) == defaults.get(k), (prefix, k)

@@ -1,13 +1,14 @@
-"""What every solver plugin must do: the conformance class each solver's tests subclass.
+"""Conformance tests every solver plugin passes (``compressc.testing``, for third-party solvers too).
 
 In the manner of optuna's ``pytest_samplers``: subclass ``SolverConformance`` and set
-``solver_factory`` to a callable returning a fresh solver; every ``test_*`` method then runs for it::
+``solver_factory`` to a callable returning a fresh solver; every ``test_*`` method then runs for it
+under pytest (this module needs ``pytest`` and ``hypothesis``: ``pip install "compressc[testing]"``)::
 
-    from .solver_conformance import FlopsConformance, SolverConformance
+    from compressc.testing import FlopsConformance, ScoreConformance, SolverConformance
 
-    class TestConvex(SolverConformance, FlopsConformance):   # FlopsConformance: it honours FLOPs budgets
-        solver_factory = ConvexSolver                          # a class, or
-        # solver_factory = staticmethod(lambda: ConvexSolver(max_iters=50))
+    class TestMine(SolverConformance, FlopsConformance, ScoreConformance):
+        solver_factory = MySolver                       # a class, or
+        # solver_factory = staticmethod(lambda: MySolver(samples=16))
 
 A solver passes when, on separable (``Problem.from_table``) and coupled problems (keep knobs that scale
 several tensors, ``tensor_costs`` describing them, an exact ``bytes_of`` that also counts what the
@@ -15,7 +16,10 @@ formula leaves out), for every budget from the minimum to above the maximum: it 
 that some choice of options produces, that choice fits the exact bytes (and FLOPs) budget, it uses a
 roomy budget (no worse than relaxing one knob of the most compressed plan), the same seed gives the
 same plan, single-option knobs (per-layer rules) keep their option, ``name`` and
-``capabilities`` are class constants, and ``get_solver(name)`` finds it.
+``capabilities`` are class constants, and ``get_solver(name)`` finds it. ``FlopsConformance`` is for
+solvers with the ``flops`` capability, ``ScoreConformance`` for those with ``score`` (they search
+with ``problem.evaluator``): they improve on their first candidate when the score rewards it, stay
+within the evaluation budget, and are deterministic for a seed.
 
 The problem builders (``separable_problem``, ``coupled_problem``, ``budgets``) and ``choice_of`` are
 public so that solver-specific tests can reuse them.
@@ -35,9 +39,11 @@ from hypothesis import strategies as st
 
 from compressc.plan import Plan
 from compressc.problem import Budget, Choice, Knob, Problem, TensorCost
+from compressc.search.budget import SearchBudget
+from compressc.search.evaluator import Evaluator
 from compressc.solvers.base import Solver, get_solver
 
-__all__ = ["SolverConformance", "FlopsConformance", "separable_problem", "coupled_problem", "budgets", "choice_of", "PROBLEMS"]
+__all__ = ["SolverConformance", "FlopsConformance", "ScoreConformance", "separable_problem", "coupled_problem", "budgets", "choice_of", "PROBLEMS"]
 
 BITS = (32, 8, 4, 2)
 SPARSITY = (0.0, 0.5, 0.75)
@@ -248,8 +254,11 @@ class SolverConformance:
         assert isinstance(solver, Solver)
 
     def test_every_declared_capability_is_tested(self):
-        if "flops" in type(self.make_solver()).capabilities:
+        capabilities = type(self.make_solver()).capabilities
+        if "flops" in capabilities:
             assert isinstance(self, FlopsConformance), "a solver that honours FLOPs budgets also subclasses FlopsConformance"
+        if "score" in capabilities:
+            assert isinstance(self, ScoreConformance), "a solver that uses problem.evaluator also subclasses ScoreConformance"
 
     def test_found_through_the_registry(self):
         solver = self.make_solver()
@@ -343,3 +352,44 @@ class FlopsConformance:
             self.assert_fits(problem, Budget(flops=f), self.solve(problem, Budget(flops=f)))
             both = Budget(bytes=byte_budgets[i % len(byte_budgets)], flops=f)
             self.assert_fits(problem, both, self.solve(problem, both))
+
+
+class ScoreConformance:
+    """Tests for solvers whose ``capabilities`` include ``"score"`` (they search with
+    ``problem.evaluator``): mix in beside ``SolverConformance``. The score here rewards using the
+    byte budget (``bytes_of(plan) / budget``), which the additive objective does not see."""
+
+    def scored_problem(self, max_evaluations: int, seed: int = 0) -> tuple[Problem, Budget, list[Plan]]:
+        """A coupled problem at 40% of its byte range with an evaluator that logs what it scores."""
+        problem = coupled_problem(11, 6, overhead=True)
+        lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+        budget = Budget(bytes=int(lo + 0.4 * (hi - lo)))
+        log: list[Plan] = []
+
+        def score(plan: Plan) -> float:
+            log.append(plan)
+            return problem.bytes_of(plan) / budget.bytes
+
+        problem.evaluator = Evaluator.from_function(score, budget=SearchBudget(max_evaluations=max_evaluations), seed=seed)
+        return problem, budget, log
+
+    def test_improves_on_its_first_candidate(self):
+        problem, budget, log = self.scored_problem(24)
+        plan = self.solve(problem, budget)
+        self.assert_fits(problem, budget, plan)
+        assert log, "the solver never called problem.evaluator"
+        first = problem.bytes_of(log[0])
+        assert problem.bytes_of(plan) > first, "the plan returned scores no better than the first candidate"
+
+    @pytest.mark.parametrize("max_evaluations", [1, 5, 12])
+    def test_stays_within_the_evaluation_budget(self, max_evaluations):
+        problem, budget, log = self.scored_problem(max_evaluations)
+        self.assert_fits(problem, budget, self.solve(problem, budget))
+        assert len(log) == problem.evaluator.stats()["evaluations"] <= max_evaluations
+
+    def test_deterministic_for_a_seed_with_an_evaluator(self):
+        plans = []
+        for _ in range(2):
+            problem, budget, _ = self.scored_problem(10)
+            plans.append(self.solve(problem, budget, seed=3))
+        assert plans[0] == plans[1]
