@@ -21,7 +21,7 @@ from compressc.solvers.base import get_solver
 from compressc.spec import Spec
 
 from .models import resnet_basic, resnet_bottleneck
-from .solver_conformance import PROBLEMS
+from compressc.testing import PROBLEMS
 
 pytestmark = pytest.mark.filterwarnings("ignore::compressc.passes.analysis.channel_groups.ChannelAnalysisWarning")
 
