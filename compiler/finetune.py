@@ -73,7 +73,7 @@ class FinetuneConfig(Finetune):
     ``float_fraction`` is read by the staged recovery (``compressc.recovery``), not here.
 
     >>> FinetuneConfig(epochs=2, lr=0.01).optimizer
-    'adam'
+    'sgd'
     """
 
     device: str = "cpu"

@@ -309,12 +309,12 @@ class Finetune:
     best is recovered in full (``compressc.plan_selection``).
 
     >>> Finetune(epochs=3).distill_weight, Finetune(epochs=3).lr
-    (0.7, 0.003)
+    (0.7, 0.02)
     """
 
     epochs: int = 0
-    lr: float | str = 3e-3
-    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float | str = 0.02
+    optimizer: Literal["sgd", "adam"] = "sgd"
     weight_decay: float = 0.0
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup: float = 0.05

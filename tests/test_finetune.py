@@ -105,7 +105,7 @@ def test_distillation_recovers_a_damaged_student(digits):
     evaluate = accuracy_on(xte, yte)
     student = damaged(teacher)
     before = evaluate(student)
-    config = FinetuneConfig(epochs=2, lr=3e-3, schedule="constant", warmup=0.0)
+    config = FinetuneConfig(epochs=2, lr=3e-3, optimizer="adam", schedule="constant", warmup=0.0)
     report = finetune(student, teacher, loader(xtr, ytr), config, evaluate=evaluate, progress=False)
     after = evaluate(student)
     assert report.accuracy_before == before
@@ -136,7 +136,7 @@ def test_quantization_aware_student_trains_through_a_parametrization(digits):
     originals = [m.parametrizations.weight.original for m in student if isinstance(m, nn.Linear)]
     start = [o.detach().clone() for o in originals]
     before = evaluate(student)
-    report = finetune(student, teacher, loader(xtr, ytr), FinetuneConfig(epochs=2, lr=3e-3), evaluate=evaluate,
+    report = finetune(student, teacher, loader(xtr, ytr), FinetuneConfig(epochs=2, lr=3e-3, optimizer="adam"), evaluate=evaluate,
                       progress=False)
     assert all(o.grad is not None and o.grad.abs().sum() > 0 for o in originals)  # gradients got through
     assert not all(torch.equal(o, s) for o, s in zip(originals, start))
@@ -149,7 +149,7 @@ def test_pure_distillation_needs_no_labels(digits):
     evaluate = accuracy_on(xte, yte)
     student = damaged(teacher)
     before = evaluate(student)
-    finetune(student, teacher, loader(xtr), FinetuneConfig(epochs=2, lr=3e-3, distill_weight=1.0), progress=False)
+    finetune(student, teacher, loader(xtr), FinetuneConfig(epochs=2, lr=3e-3, optimizer="adam", distill_weight=1.0), progress=False)
     assert evaluate(student) >= before + 0.2  # measured: 0.52 -> 0.95
 
 

@@ -59,7 +59,7 @@ def test_defaults():
     assert a.bits == (2, 3, 4, 5, 6, 8) and a.sparsity_levels == (0.0, 0.25, 0.5, 0.75, 0.9)
     assert a.keep_ratios[:8] == (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.1875)
     assert min(a.keep_ratios) == 0.125 and a.auto_extend
-    assert dataclasses.astuple(spec.finetune) == (0, 3e-3, "adam", 0.0, "cosine", 0.05, 4.0, 0.7, "auto", 5.0, None,
+    assert dataclasses.astuple(spec.finetune) == (0, 0.02, "sgd", 0.0, "cosine", 0.05, 4.0, 0.7, "auto", 5.0, None,
                                                   "auto", None, "auto", 2)
     assert spec.rules == () and Spec.from_dict({}) == spec
     assert hash(spec) == hash(Spec())  # frozen and hashable, solver_options aside
