@@ -106,17 +106,30 @@ def _tensor_costs(graph: Graph, knobs: Sequence[Knob]) -> tuple[TensorCost, ...]
     return tuple(costs)
 
 
-def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any,
-           extended: bool = False, one_bit: bool = False) -> tuple[list[Knob], dict[int, tuple[int, ...]]]:
-    """The knobs (distortions still zero) and the unit rankings of their groups."""
+def _prunable(graph: Graph, spec: Spec) -> list[ChannelGroup]:
+    """The groups that get a keep knob (when the spec allows pruning at all)."""
+    if not (spec.actions.prune_channels or any(r.prune for r in spec.rules)):
+        return []
+    return [g for g in analyze_channels(graph).groups if g.prunable and g.size >= 2]
+
+
+def _unit_scores(graph: Graph, spec: Spec, data: Any) -> dict[int, Any]:
+    """The importance criterion's scores of every prunable group's units (it may run the model on data)."""
+    prunable = _prunable(graph, spec)
+    return get_criterion(spec.importance).scores(graph, prunable, data) if prunable else {}
+
+
+def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any, extended: bool = False,
+           one_bit: bool = False, scores: dict[int, Any] | None = None) -> tuple[list[Knob], dict[int, tuple[int, ...]]]:
+    """The knobs (distortions still zero) and the unit rankings of their groups; ``scores`` (from
+    :func:`_unit_scores`) saves scoring the units again."""
     analysis = analyze_channels(graph)
     actions = spec.actions
     knobs: list[Knob] = []
     ranking: dict[int, tuple[int, ...]] = {}
-    if actions.prune_channels or any(r.prune for r in spec.rules):
-        prunable = [g for g in analysis.groups if g.prunable and g.size >= 2]
-        criterion = get_criterion(spec.importance)
-        scores = criterion.scores(graph, prunable, data) if prunable else {}
+    prunable = _prunable(graph, spec)
+    if prunable:
+        scores = _unit_scores(graph, spec, data) if scores is None else scores
         for group in prunable:
             options = _keep_options(group, spec, group_modules(group), extended)
             if len(options) > 1:
@@ -187,8 +200,8 @@ class Extension:
 
 def extend_actions(graph: Graph, spec: Spec, target_bytes: int | None, data: Any = None) -> Extension:
     """The grids a byte target needs: the spec's own when its most compressed plan meets
-    ``target_bytes`` (or ``auto_extend`` is off), else the extended keep grid, else that and
-    unstructured sparsity (when the spec allows none), whichever comes first to reach it."""
+    ``target_bytes`` (or ``auto_extend`` is off), else the extended keep grid, then with 1-bit layers,
+    then with unstructured sparsity (when the spec allows none), whichever comes first to reach it."""
     actions = spec.actions
     plain = Extension(False, actions.sparsity)
     if target_bytes is None or not actions.auto_extend:
@@ -196,8 +209,9 @@ def extend_actions(graph: Graph, spec: Spec, target_bytes: int | None, data: Any
     steps = [plain, Extension(True, actions.sparsity), Extension(True, actions.sparsity, True)]
     if not actions.sparsity:
         steps.append(Extension(True, ("unstructured",), True))
+    scores = _unit_scores(graph, spec, data)  # once for every step: the criterion may run the model
     for step in steps:
-        knobs, ranking = _knobs(graph, spec, step.sparsity, data, step.keep, step.one_bit)
+        knobs, ranking = _knobs(graph, spec, step.sparsity, data, step.keep, step.one_bit, scores)
         floor = _problem(graph, spec, knobs, ranking, step.sparsity[0] if step.sparsity else "unstructured")
         if floor.bytes(floor.most_compressed()) <= target_bytes:
             return step
