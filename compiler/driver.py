@@ -33,7 +33,7 @@ from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, 
 from compressc.plan import Plan
 from compressc.plan_selection import candidate_count, candidate_plans, select_plan
 from compressc.recovery import recover
-from compressc.problem import Budget, Problem
+from compressc.search.problem import Budget, Problem
 from compressc.report import ModelStats, Report
 from compressc.search import Evaluator, SearchBudget, Workload
 from compressc.solvers.base import Solver, get_solver
@@ -214,7 +214,7 @@ def compile(
         return CompileResult(model, Plan(), report.replace(noop=True), None)
 
     say("measuring sensitivities")
-    from compressc.problem_builder import build_problem, extend_actions
+    from compressc.search.problem_builder import build_problem, extend_actions
 
     t1 = time.perf_counter()
     extension = extend_actions(graph, spec, budget.bytes, train_loader)

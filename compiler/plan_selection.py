@@ -10,7 +10,7 @@ prune-then-quantize baseline, which no single-knob curve can rank), gives each a
 (``probe_epochs`` of the staged recovery), scores it with the model file's ``evaluate``, and keeps
 the best for the full recovery. Every candidate meets the budget: the solver guarantees it.
 
->>> from compressc.problem import Problem
+>>> from compressc.search.problem import Problem
 >>> p = Problem.from_table(options=[(32, 4, 2, 1)], distortion=[(0, .1, .3, .9)], bytes_table=[(400, 50, 25, 13)])
 >>> [k.options for k in with_bit_floor(p, 2).knobs], with_bit_floor(p, 8) is None
 ([(32, 4, 2)], True)
@@ -28,7 +28,7 @@ from compressc.evaluation import checked_score
 from compressc.ir import Graph
 from compressc.passes.lowering.compact import finalize, prepare
 from compressc.plan import Plan
-from compressc.problem import Budget, Knob, Problem
+from compressc.search.problem import Budget, Knob, Problem
 from compressc.recovery import recover
 from compressc.spec import Finetune
 

@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compressc.plan import Plan
-from compressc.problem import Budget, Choice, Knob, Problem, TensorCost
+from compressc.search.problem import Budget, Choice, Knob, Problem, TensorCost
 from compressc.search.budget import SearchBudget
 from compressc.search.evaluator import Evaluator
 from compressc.solvers.base import Solver, get_solver

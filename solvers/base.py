@@ -20,7 +20,7 @@ import numpy as np
 
 from compressc.errors import UserError
 from compressc.plan import Plan
-from compressc.problem import Budget, Problem
+from compressc.search.problem import Budget, Problem
 
 __all__ = ["Solver", "SolverError", "UnknownSolverError", "available_solvers", "get_solver", "ENTRY_POINT_GROUP"]
 

@@ -16,7 +16,7 @@ ejection chains (force one to three keep moves, let the others answer). The exac
 model is re-anchored to the exact cost of the current choice and repaired until that cost fits, which
 stops at the most compressed choice at worst (feasible by the solver contract).
 
->>> from compressc.problem import Budget, Problem
+>>> from compressc.search.problem import Budget, Problem
 >>> p = Problem.from_table(options=[(32, 8, 4, 2)] * 3, distortion=[(0, .1, .2, .9), (0, .01, .1, .5), (0, .3, .6, .9)],
 ...                        bytes_table=[(400, 100, 50, 25)] * 3)
 >>> plan = ConvexSolver().solve(p, Budget(bytes=250), np.random.default_rng(0))
@@ -35,7 +35,7 @@ from typing import Callable, ClassVar, Sequence
 import numpy as np
 
 from compressc.plan import Plan
-from compressc.problem import Budget, Choice, Problem, TensorCost
+from compressc.search.problem import Budget, Choice, Problem, TensorCost
 from compressc.solvers.base import SolverError
 
 __all__ = ["ConvexSolver"]

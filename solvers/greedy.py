@@ -18,7 +18,7 @@
 Every returned choice was checked against the exact costs, so the plan is feasible by construction.
 Ties go to the lower knob index; ``rng`` is not used (the solver is deterministic).
 
->>> from compressc.problem import Budget, Problem
+>>> from compressc.search.problem import Budget, Problem
 >>> p = Problem.from_table(options=[(32, 8, 4, 2)] * 2, distortion=[(0, .1, .2, .9), (0, .5, .65, .7)],
 ...                        bytes_table=[(400, 100, 50, 25)] * 2)
 >>> plan = GreedySolver().solve(p, Budget(bytes=175), np.random.default_rng(0))
@@ -33,7 +33,7 @@ from typing import ClassVar
 import numpy as np
 
 from compressc.plan import Plan
-from compressc.problem import Budget, Choice, Problem, TensorCost
+from compressc.search.problem import Budget, Choice, Problem, TensorCost
 from compressc.solvers.base import SolverError
 
 __all__ = ["GreedySolver"]

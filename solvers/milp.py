@@ -8,7 +8,7 @@ them, ``fixed_bytes`` / ``fixed_flops`` the rest), so the optimum is exact exact
 costs are that sum. Enumeration grows with the product of the option counts per tensor: this is a
 reference for tests and for problems of a dozen layers, not a solver for real models.
 
->>> from compressc.problem import Budget, Knob, Problem, TensorCost
+>>> from compressc.search.problem import Budget, Knob, Problem, TensorCost
 >>> knobs = (Knob("bits:a", "bits", "a", (32, 8, 4), (0, .1, .4)), Knob("bits:b", "bits", "b", (32, 8, 4), (0, .2, .3)))
 >>> p = Problem(knobs=knobs, bytes_of=lambda plan: 0, fixed_bytes=0,
 ...             tensor_costs=(TensorCost("a", 100, bits_knob=0), TensorCost("b", 100, bits_knob=1)))
@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import scipy.sparse as sp
 
-from compressc.problem import Budget, Choice, Problem, TensorCost
+from compressc.search.problem import Budget, Choice, Problem, TensorCost
 from compressc.solvers.base import SolverError
 
 __all__ = ["exact_optimum"]

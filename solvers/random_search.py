@@ -8,7 +8,7 @@ are drawn in rounds of ``round_size`` from the solver's ``rng`` alone and scored
 it has no bound on evaluations), so the plan returned depends on the seed, never on the executor.
 Without an evaluator the score is minus the additive objective. Ties go to the earlier candidate.
 
->>> from compressc.problem import Budget, Problem
+>>> from compressc.search.problem import Budget, Problem
 >>> p = Problem.from_table(options=[(32, 8, 4, 2)] * 3, distortion=[(0, .1, .2, .9)] * 3,
 ...                        bytes_table=[(400, 100, 50, 25)] * 3)
 >>> solver = RandomSolver(samples=20)
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from compressc.plan import Plan
-from compressc.problem import Budget, Choice, Problem
+from compressc.search.problem import Budget, Choice, Problem
 
 __all__ = ["RandomSolver"]
 

@@ -5,7 +5,7 @@ ratio for every group, the same bit-width and sparsity for every layer (the knob
 grids, so equal indices mean equal settings); blocks are removed only at level 1. The least compressed feasible level is found by
 bisection over the distinct choices the levels give (costs grow with the level).
 
->>> from compressc.problem import Budget, Problem
+>>> from compressc.search.problem import Budget, Problem
 >>> p = Problem.from_table(options=[(32, 8, 4, 2)] * 2, distortion=[(0, .1, .2, .9)] * 2,
 ...                        bytes_table=[(400, 100, 50, 25)] * 2)
 >>> UniformSolver().solve(p, Budget(bytes=200), np.random.default_rng(0)).layers["t0.weight"].bits
@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from compressc.plan import Plan
-from compressc.problem import Budget, Choice, Problem
+from compressc.search.problem import Budget, Choice, Problem
 
 __all__ = ["UniformSolver"]
 

@@ -189,7 +189,7 @@ def test_extreme_targets_compare_candidate_plans_and_stay_within_budget(tmp_path
 
 
 def test_grids_extend_only_as_far_as_the_target_needs():
-    from compressc.problem_builder import _knobs, _problem, extend_actions
+    from compressc.search.problem_builder import _knobs, _problem, extend_actions
     from compressc.spec import Spec
 
     torch.manual_seed(0)

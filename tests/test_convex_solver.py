@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from compressc.plan import Plan
-from compressc.problem import Budget, Knob, Problem, TensorCost
+from compressc.search.problem import Budget, Knob, Problem, TensorCost
 from compressc.solvers.base import Solver, get_solver
 from compressc.solvers.convex import ConvexSolver
 from compressc.solvers.milp import exact_optimum

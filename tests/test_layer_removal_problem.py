@@ -15,8 +15,8 @@ import torch
 
 import compressc
 from compressc.passes.analysis.removable_blocks import removable_blocks
-from compressc.problem import Budget, Knob, Problem
-from compressc.problem_builder import build_problem
+from compressc.search.problem import Budget, Knob, Problem
+from compressc.search.problem_builder import build_problem
 from compressc.solvers.base import get_solver
 from compressc.spec import Spec
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import compressc
 from compressc.passes.lowering.compact import lower
 from compressc.plan import LayerSettings, Plan, weight_tensors
-from compressc.problem_builder import build_problem
+from compressc.search.problem_builder import build_problem
 from compressc.spec import Spec
 
 from .arch_strategies import cnn_specs, build

@@ -7,7 +7,7 @@ import torch
 import compressc
 from compressc.plan import LayerSettings, Plan
 from compressc.plan_selection import candidate_plans, select_plan, with_bit_floor
-from compressc.problem import Budget, Problem
+from compressc.search.problem import Budget, Problem
 from compressc.solvers.base import get_solver
 from compressc.spec import Finetune
 from tests.test_recovery import PLAN, X, _data, _net, distance_score

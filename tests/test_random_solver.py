@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from compressc.plan import Plan
-from compressc.problem import Budget
+from compressc.search.problem import Budget
 from compressc.search import Evaluator, SearchBudget
 from compressc.solvers.base import SolverError, get_solver
 from compressc.solvers.random_search import RandomSolver

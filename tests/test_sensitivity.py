@@ -18,9 +18,9 @@ from torch import nn
 
 import compressc
 from compressc.errors import UserError
-from compressc import sensitivity as sens
+from compressc.search import sensitivity as sens
 from compressc.passes.analysis.importance import get_criterion
-from compressc.sensitivity import (
+from compressc.search.sensitivity import (
     TIE_BREAK,
     default_calibration_inputs,
     measure_sensitivity,
@@ -29,7 +29,7 @@ from compressc.sensitivity import (
 from compressc.passes.lowering.compact import PlanError, lower
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
 from compressc.plan import LayerSettings, Plan
-from compressc.problem import Knob
+from compressc.search.problem import Knob
 
 
 def knob(kind, target, options):

@@ -14,7 +14,7 @@ import compressc
 from compressc.driver import BudgetError
 from compressc.passes.lowering.compact import PlanError, finalize, predict_bytes, prepare
 from compressc.plan import LayerSettings, Plan
-from compressc.problem import Budget
+from compressc.search.problem import Budget
 from compressc.solvers.base import available_solvers, get_solver
 
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compressc.plan import Plan
-from compressc.problem import Budget, Problem
+from compressc.search.problem import Budget, Problem
 from compressc.solvers.base import ENTRY_POINT_GROUP, SolverError, UnknownSolverError, available_solvers, get_solver
 from compressc.solvers.greedy import GreedySolver
 from compressc.solvers.uniform import UniformSolver

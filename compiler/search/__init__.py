@@ -1,12 +1,12 @@
 """The search machinery: scoring real candidates, in parallel, under a budget.
 
 ``Evaluator`` (``score`` / ``score_many``, cached, budgeted) runs a ``Scorer`` per worker on an
-executor (``serial``, ``processes``, ``ray``); ``SearchBudget`` bounds it. The problem and its
-builder still live in ``compressc.problem`` / ``compressc.problem_builder``; they are re-exported
-here so that search code imports one place.
+executor (``serial``, ``processes``, ``ray``); ``SearchBudget`` bounds it. The problem the solvers
+see (``problem``), how it is built from a graph and a spec (``problem_builder``) and the sensitivity
+curves it carries (``sensitivity``) live here too, so search code imports one place.
 """
 
-from compressc.problem import Budget, Knob, Problem
+from compressc.search.problem import Budget, Knob, Problem
 from compressc.search.budget import SearchBudget, parse_duration
 from compressc.search.evaluator import Evaluator
 from compressc.search.executors import EXECUTORS, WorkerDiedError, get_executor

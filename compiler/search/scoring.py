@@ -162,7 +162,7 @@ class Scorer:
         if self.evaluate is not None:
             with torch.no_grad():
                 return checked_score(self.evaluate(module), f"on candidate plan {_short(plan)}")
-        from compressc.sensitivity import proxy_distortion
+        from compressc.search.sensitivity import proxy_distortion
 
         outs = [_outputs(module, tuple(_to(x, self.device) for x in batch)) for batch in self.proxy_inputs]
         return -proxy_distortion(self.reference, outs)

@@ -343,7 +343,7 @@ class PruneChannelsPass:
             data = data.get("channels", data) if isinstance(data, dict) else data
             return {int(g): tuple(int(u) for u in units) for g, units in data.items()}
         from compressc.passes.analysis.importance import get_criterion
-        from compressc.problem_builder import segment_aware_ranking
+        from compressc.search.problem_builder import segment_aware_ranking
 
         groups = [g for g in analyze_channels(graph).groups if g.prunable and g.size >= 2]
         scores = get_criterion("l1").scores(graph, groups, None) if groups else {}

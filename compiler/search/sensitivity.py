@@ -11,7 +11,7 @@ cached on disk per model, so a second compile of the same model calls ``evaluate
 docs/sensitivity.md has the details.
 
 >>> import torch, compressc
->>> from compressc.problem import Knob
+>>> from compressc.search.problem import Knob
 >>> _ = torch.manual_seed(0)
 >>> g = compressc.trace(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
 ...                     (torch.randn(8, 16),))
@@ -50,7 +50,7 @@ from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
 from compressc.passes.lowering.quantize import QuantSpec, dequantize, quantize
 from compressc.passes.lowering.sparsify import sparsity_mask
 from compressc.plan import SPARSITY_KINDS, LayerSettings, Plan, weight_tensors
-from compressc.problem import Knob
+from compressc.search.problem import Knob
 
 __all__ = ["measure_sensitivity", "proxy_distortion", "default_calibration_inputs", "model_hash",
            "default_cache_dir", "TIE_BREAK"]

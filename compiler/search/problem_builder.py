@@ -25,7 +25,7 @@ from compressc.passes.analysis.removable_blocks import RemovableBlock, removable
 from compressc.passes.lowering.compact import predict_bytes
 from compressc.passes.lowering.remove_layers import removed_view
 from compressc.plan import Plan, weight_tensors
-from compressc.problem import Knob, Problem, TensorCost
+from compressc.search.problem import Knob, Problem, TensorCost
 from compressc.spec import Spec
 
 __all__ = ["build_problem", "extend_actions", "Extension", "group_modules", "segment_aware_ranking"]
@@ -231,7 +231,7 @@ def build_problem(
 ) -> Problem:
     """The compression problem of ``graph`` under ``spec`` (sensitivities measured, then cached), on
     the spec's grids or those ``extension`` (from :func:`extend_actions`) widens."""
-    from compressc.sensitivity import measure_sensitivity
+    from compressc.search.sensitivity import measure_sensitivity
 
     extension = extension or Extension(False, spec.actions.sparsity)
     sparsity = extension.sparsity
