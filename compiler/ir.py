@@ -14,6 +14,7 @@ access to them and refuses, with the pass to run, when a record is missing.
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
@@ -211,6 +212,31 @@ class Graph:
     def invalidate(self) -> None:
         """Drop every cached analysis (a rewrite is detected anyway; this frees the memory)."""
         self._analyses.clear()
+
+    # -- pickling: the fx graph with its node records, and the modules it calls --------------------
+    def __getstate__(self) -> dict:
+        """A ``GraphModule`` pickles by regenerating its code (its nodes' records would be lost, and
+        its tracer may not be rebuildable), so the graph travels as a copy of the fx ``Graph`` (nodes,
+        ``meta`` and all, names unchanged) plus the module's own submodules, parameters, buffers and
+        the plain attributes its ``get_attr`` nodes read, in their order; the analysis cache stays."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("module", "_analyses")}
+        gm = self.module
+        shell = torch.nn.Module()
+        shell._modules, shell._parameters, shell._buffers = dict(gm._modules), dict(gm._parameters), dict(gm._buffers)
+        extras = {str(n.target): getattr(gm, str(n.target)) for n in gm.graph.nodes
+                  if n.op == "get_attr" and "." not in str(n.target) and str(n.target) in gm.__dict__}
+        state["_fx"] = (copy.deepcopy(gm.graph), shell, extras, type(gm).__name__)  # the copy: no owning module
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        fx_graph, shell, extras, class_name = state.pop("_fx")
+        self.__dict__.update(state)
+        for name, value in extras.items():
+            setattr(shell, name, value)
+        gm = fx.GraphModule(shell, fx_graph, class_name=class_name)
+        gm._modules, gm._parameters, gm._buffers = shell._modules, shell._parameters, shell._buffers  # original order
+        self.module = gm
+        self._analyses = {}
 
     # -- access -------------------------------------------------------------------------------
     def nodes(self) -> Iterator[fx.Node]:

@@ -11,7 +11,11 @@ Costs are exact: ``bytes(choice)`` is the size of the weights file ``compressc``
 the lowering passes and the size model), ``flops(choice)`` the FLOPs of the lowered module.
 
 Solvers that relax the problem use ``tensor_costs``: per weight tensor, which knobs scale its rows
-(output channels), its columns (input channels), its bit-width and its density.
+(output channels), its columns (input channels), its bit-width and its density; the same structure
+gives cheap screening estimates (``estimate_bytes``, ``estimate_flops``) without lowering anything.
+Agents that walk the network read each knob's ``features`` (the layer it acts on) in ``order``
+(topological). A Problem is data: it pickles (its exact cost functions hold the traced graph, not
+closures), so it can travel to worker processes; the evaluator stays behind.
 
 >>> import numpy as np
 >>> p = Problem.from_table(options=[(4, 2, 1), (32, 8, 4)], distortion=[(0, .1, .5), (0, .01, .2)],
@@ -33,9 +37,48 @@ from compressc.plan import LayerSettings, Plan
 if TYPE_CHECKING:
     from compressc.search.evaluator import Evaluator
 
-__all__ = ["Knob", "TensorCost", "Budget", "Problem", "Choice", "option_index"]
+__all__ = ["Knob", "LayerFeatures", "TensorCost", "Budget", "Problem", "Choice", "option_index"]
 
 Choice = tuple[int, ...]
+
+KIND_ORDER = ("keep", "remove", "bits", "sparsity")  # within one layer: structure first, then storage
+
+
+@dataclass(frozen=True)
+class LayerFeatures:
+    """The layer a knob acts on, as numbers an agent can read: ``op`` (a node kind: ``conv``,
+    ``linear``, ... or ``block`` for a removable block), its input / output channels, kernel area
+    (1 for linear layers), stride, the weights and multiply-accumulates the knob acts on, and
+    ``depth``: its position among the network's ``layers`` weight layers in topological order.
+
+    >>> f = LayerFeatures("conv", 16, 32, 9, 1, 4608, 4718592, depth=3, layers=8)
+    >>> f.vector().shape, float(f.vector()[-1])   # the last entry: relative depth
+    ((12,), 0.4286)
+    """
+
+    op: str = "other"
+    in_channels: int = 0
+    out_channels: int = 0
+    kernel: int = 1
+    stride: int = 1
+    params: int = 0
+    macs: int = 0
+    depth: int = 0
+    layers: int = 1
+
+    OPS = ("conv", "linear", "block", "embedding", "attention")  # one-hot; anything else: all zeros
+    SIZE = len(OPS) + 7
+
+    def vector(self) -> np.ndarray:
+        """``SIZE`` floats of comparable scale across models (log-scaled counts, relative depth), so a
+        policy learned on one network reads another: one-hot ``op``, log2 channels / 16, log2 kernel / 8,
+        stride / 4, log10 params / 9, log10 MACs / 12, depth / (layers - 1)."""
+        onehot = [float(self.op == op) for op in self.OPS]
+        rest = [np.log2(1 + self.in_channels) / 16, np.log2(1 + self.out_channels) / 16,
+                np.log2(1 + self.kernel) / 8, self.stride / 4, np.log10(1 + self.params) / 9,
+                np.log10(1 + self.macs) / 12]
+        depth = self.depth / max(self.layers - 1, 1)
+        return np.round(np.array(onehot + rest + [depth], dtype=np.float64), 4)
 
 
 @dataclass(frozen=True)
@@ -49,6 +92,7 @@ class Knob:
     options: tuple
     distortion: tuple[float, ...]
     covers: tuple[int, ...] = ()  # "remove" knobs: indices of the knobs that are moot once the block goes
+    features: LayerFeatures = field(default_factory=LayerFeatures, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.options) != len(self.distortion) or not self.options:
@@ -122,13 +166,32 @@ class Problem:
 
     knobs: tuple[Knob, ...]
     bytes_of: Callable[[Plan], int]
-    flops_of: Callable[[Plan], int] = lambda plan: 0
+    flops_of: Callable[[Plan], int] = field(default_factory=lambda: _no_flops)
     ranking: dict[int, tuple[int, ...]] = field(default_factory=dict)
     scheme: str = "symmetric"
     sparsity_kind: str = "unstructured"
     tensor_costs: tuple[TensorCost, ...] = ()
     fixed_bytes: int = 0  # bytes of what no knob changes (float tensors, headers): for relaxations
+    fixed_flops: int = 0  # FLOPs outside the weight layers' MACs (norms, activations, ...): for estimates
     evaluator: "Evaluator | None" = None
+
+    # -- data: pickling and order --------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Everything but the evaluator (it holds workers and data) and the memo tables."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_bytes", "_flops", "order", "_calibrations")}
+        state["evaluator"] = None
+        return state
+
+    @functools.cached_property
+    def order(self) -> tuple[int, ...]:
+        """Knob indices in topological order of their layers (``features.depth``), within one layer
+        ``keep``, ``remove``, ``bits``, ``sparsity``; ties keep the knobs' own order.
+
+        >>> Problem.from_table(options=[(32, 8)] * 3, distortion=[(0, .1)] * 3, bytes_table=[(4, 1)] * 3).order
+        (0, 1, 2)
+        """
+        return tuple(sorted(range(len(self.knobs)), key=lambda j: (
+            self.knobs[j].features.depth, KIND_ORDER.index(self.knobs[j].kind), j)))
 
     # -- choices and plans ---------------------------------------------------------------------
     def uncompressed(self) -> Choice:
@@ -203,6 +266,51 @@ class Problem:
         present = float(np.prod([self.knobs[k].factors[choice[k]] for k in tc.remove_knobs]))  # 0: removed
         return present * kept(tc.out_keep), kept(tc.in_keep), bits, density
 
+    def estimate_bytes(self, choice: Sequence[int]) -> float:
+        """A cheap estimate of ``bytes(choice)`` for screening, without lowering: every tensor's
+        ``TensorCost.bytes`` plus the positions of sparse tensors' kept weights (at the mask's entropy),
+        calibrated linearly so that it is exact at the uncompressed and the most compressed choices
+        (what the structure misses, such as norms folded away and biases pruned, moves with the
+        compression). tests/test_problem_data.py bounds its error. Problems without tensor structure
+        answer with the exact bytes."""
+        if not self.tensor_costs:
+            return float(self.bytes(choice))
+        alpha, beta = self._calibration("bytes")
+        return alpha * self._structure_bytes(tuple(int(i) for i in choice)) + beta
+
+    def estimate_flops(self, choice: Sequence[int]) -> float:
+        """A cheap estimate of ``flops(choice)``: two FLOPs per remaining multiply-accumulate of the
+        weight layers, calibrated as ``estimate_bytes`` is. Problems without tensor structure answer
+        exactly."""
+        if not self.tensor_costs:
+            return float(self.flops(choice))
+        alpha, beta = self._calibration("flops")
+        return alpha * self._structure_flops(tuple(int(i) for i in choice)) + beta
+
+    def _structure_bytes(self, c: Choice) -> float:
+        total = 0.0
+        for tc in self.tensor_costs:
+            rows, cols, bits, density = self.tensor_factors(tc, c)
+            total += tc.bytes(rows, cols, bits, density)
+            if 0.0 < density < 1.0:  # where the kept weights are: near the mask's entropy (Rice codes)
+                h = -(density * np.log2(density) + (1 - density) * np.log2(1 - density))
+                total += tc.numel * rows * cols * h / 8.0
+        return total
+
+    def _structure_flops(self, c: Choice) -> float:
+        return float(sum(2 * tc.flops(*self.tensor_factors(tc, c)[:2]) for tc in self.tensor_costs))
+
+    def _calibration(self, resource: str) -> tuple[float, float]:
+        """``(alpha, beta)`` with ``exact = alpha * structure + beta`` at both ends of the choice space."""
+        memo = self.__dict__.setdefault("_calibrations", {})
+        if resource not in memo:
+            exact, model = (self.bytes, self._structure_bytes) if resource == "bytes" else (self.flops, self._structure_flops)
+            lo, hi = self.most_compressed(), self.uncompressed()
+            span = model(hi) - model(lo)
+            alpha = (exact(hi) - exact(lo)) / span if span > 0 else 1.0
+            memo[resource] = (alpha, exact(lo) - alpha * model(lo))
+        return memo[resource]
+
     def objective(self, choice: Sequence[int]) -> float:
         self._check(choice)
         moot = self.moot(choice)
@@ -242,17 +350,26 @@ class Problem:
         kinds = kinds or ["bits"] * len(options)
         knobs = tuple(Knob(f"{kind}:t{j}", kind, f"t{j}.weight", tuple(o), tuple(float(d) for d in dist))
                       for j, (kind, o, dist) in enumerate(zip(kinds, options, distortion)))
-        table = [tuple(int(b) for b in row) for row in bytes_table]
+        return cls(knobs=knobs, bytes_of=_TableBytes(knobs, tuple(tuple(int(b) for b in row) for row in bytes_table)))
 
-        def bytes_of(plan: Plan) -> int:
-            total = 0
-            for j, knob in enumerate(knobs):
-                s = plan.layers.get(knob.target)
-                i = knob.options.index(s.bits) if s is not None else 0
-                total += table[j][i]
-            return total
 
-        return cls(knobs=knobs, bytes_of=bytes_of)
+def _no_flops(plan: Plan) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class _TableBytes:
+    """``from_table``'s exact bytes: knob ``j`` at option ``i`` costs ``table[j][i]`` (picklable)."""
+
+    knobs: tuple[Knob, ...]
+    table: tuple[tuple[int, ...], ...]
+
+    def __call__(self, plan: Plan) -> int:
+        total = 0
+        for j, knob in enumerate(self.knobs):
+            s = plan.layers.get(knob.target)
+            total += self.table[j][knob.options.index(s.bits) if s is not None else 0]
+        return total
 
 
 def option_index(knob: Knob, value) -> int:

@@ -25,10 +25,11 @@ from compressc.passes.analysis.removable_blocks import RemovableBlock, removable
 from compressc.passes.lowering.compact import predict_bytes
 from compressc.passes.lowering.remove_layers import removed_view
 from compressc.plan import Plan, weight_tensors
+from compressc.search.layer_features import with_features
 from compressc.search.problem import Knob, Problem, TensorCost
 from compressc.spec import Spec
 
-__all__ = ["build_problem", "extend_actions", "Extension", "group_modules", "segment_aware_ranking"]
+__all__ = ["build_problem", "extend_actions", "Extension", "ExactCosts", "group_modules", "segment_aware_ranking"]
 
 
 def group_modules(group: ChannelGroup) -> list[str]:
@@ -172,18 +173,35 @@ def _remove_knobs(analysis, knobs: Sequence[Knob], blocks: list[RemovableBlock])
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class ExactCosts:
+    """The exact bytes and FLOPs of a plan on ``graph``, through the lowering passes' predictions (a
+    picklable object rather than closures, so a Problem can travel to workers)."""
+
+    graph: Graph
+
+    def bytes(self, plan: Plan) -> int:
+        return predict_bytes(self.graph, plan)
+
+    def flops(self, plan: Plan) -> int:
+        return predict_cost(*removed_view(self.graph, plan.removed, plan.channels)).flops
+
+
 def _problem(graph: Graph, spec: Spec, knobs: Sequence[Knob], ranking: dict[int, tuple[int, ...]], kind: str) -> Problem:
     params = dict(graph.module.named_parameters())
     fixed = predict_bytes(graph, Plan()) - 4 * sum(params[n].numel() for n in weight_tensors(graph.module))
+    exact = ExactCosts(graph)
+    costs = _tensor_costs(graph, knobs)
     return Problem(
-        knobs=tuple(knobs),
-        bytes_of=lambda plan: predict_bytes(graph, plan),
-        flops_of=lambda plan: predict_cost(*removed_view(graph, plan.removed, plan.channels)).flops,
+        knobs=tuple(with_features(graph, knobs)),
+        bytes_of=exact.bytes,
+        flops_of=exact.flops,
         ranking=ranking,
         scheme=spec.actions.quant_scheme,
         sparsity_kind=kind,
-        tensor_costs=_tensor_costs(graph, knobs),
+        tensor_costs=costs,
         fixed_bytes=max(0, fixed),
+        fixed_flops=max(0, exact.flops(Plan()) - 2 * sum(tc.macs for tc in costs)),
     )
 
 
