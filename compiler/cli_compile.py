@@ -53,11 +53,13 @@ def default_output_dir(model_file: Path) -> Path:
 @click.option("--workers", type=int, help="Worker processes / Ray actors (default 2).")
 @click.option("--ray-address", help="A Ray cluster to join (default: start a local one).")
 @click.option("--devices", help="One worker per device: cuda:0,cuda:1.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
+              help="Draw what the solver recorded (ga: Pareto front; drl, n2n: learning curves) to this PNG/SVG/PDF.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
                     finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, max_evaluations,
-                    time_limit, executor, workers, ray_address, devices, as_json: bool, force: bool) -> None:
+                    time_limit, executor, workers, ray_address, devices, plot_path, as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
     import torch
 
@@ -78,7 +80,10 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     if out.resolve() == model_file.resolve():
         raise UserError(f"output {out} would overwrite the model file", hint="choose another -o directory")
     check_output_dir(out, force=force)  # before any work: a path that cannot be written fails now, not at the end
-    get_solver(spec.solver, **spec.solver_options)  # an unknown solver or a bad option fails now, too
+    chosen = get_solver(spec.solver, **spec.solver_options)  # an unknown solver or a bad option fails now, too
+    if plot_path is not None and not callable(getattr(chosen, "plot", None)):
+        raise UserError(f"--plot: solver {spec.solver!r} draws no plot",
+                        hint="drop --plot, or use a solver that records a search (ga, drl, n2n)")
     if threads is not None:
         torch.set_num_threads(threads)
     err = Console(stderr=True)
@@ -100,6 +105,9 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
         err.print(f"note: {msg}")
         return
     info = result.save(out, force=force)
+    if plot_path is not None:
+        result.plot(plot_path)
+        err.print(f"wrote {plot_path}")
     written = result.info.replace(weights_bytes=info.weights_bytes, model_py_bytes=info.model_py_bytes)
     if written.accuracy_floor_met is False:  # only with --best-effort: a miss raises otherwise
         err.print(f"[bold red]warning:[/] the result breaks the accuracy floor (--max-accuracy-drop "

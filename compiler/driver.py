@@ -65,13 +65,14 @@ class AccuracyFloorWarning(UserWarning):
 @dataclass
 class CompileResult:
     """The compiled model: ``module`` (an nn.Module computing what the artifact computes), ``plan``,
-    ``info`` (the typed ``compressc.report.Report``), ``report`` (what report.json holds, as a dict)
-    and ``save(directory)``."""
+    ``info`` (the typed ``compressc.report.Report``), ``report`` (what report.json holds, as a dict),
+    ``save(directory)`` and ``plot(path)`` (what the solver recorded, for solvers that draw)."""
 
     module: nn.Module
     plan: Plan
     info: Report
     compact: Compact | None
+    solver: Solver | None = None
 
     @property
     def report(self) -> dict[str, Any]:
@@ -82,6 +83,16 @@ class CompileResult:
         if self.compact is None:
             raise UserError("nothing to save: the target does not require compressing the model")
         return self.compact.save(directory, report=self.report, force=force)
+
+    def plot(self, path) -> None:
+        """Draw what the solver recorded (a Pareto front, learning curves) to ``path`` (PNG, SVG, PDF);
+        ``UserError`` when the solver draws nothing."""
+        draw = getattr(self.solver, "plot", None)
+        if not callable(draw):
+            name = getattr(self.solver, "name", None)
+            raise UserError(f"solver {name!r} draws no plot" if name else "nothing to plot: no solver ran",
+                            hint="--plot works with solvers that record a search (ga, drl, n2n)")
+        draw(path)
 
 
 def _evaluate(evaluate: Callable | None, module: nn.Module, when: str) -> float | None:
@@ -282,7 +293,7 @@ def compile(
     )
     if spec.max_accuracy_drop is not None:
         report = report.replace(accuracy_floor_met=accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12)
-    result = CompileResult(compact.module, plan, report, compact)
+    result = CompileResult(compact.module, plan, report, compact, solver_impl)
     if report.accuracy_floor_met is False:
         _floor_missed(result, accuracy_before, accuracy_after, spec.max_accuracy_drop, best_effort, say)
     return result

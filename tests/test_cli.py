@@ -239,3 +239,12 @@ def test_module_params_match_torch(tmp_path):
     doc = json.loads(invoke("inspect", path, "--json").stdout)
     assert doc["totals"]["params"] == 40
     assert doc["example_inputs"][0]["dtype"] == "int64"
+
+
+def test_plot_with_a_solver_that_draws_nothing_is_refused_before_any_work(tmp_path):
+    model = write(tmp_path, NET)
+    out = tmp_path / "out"
+    result = invoke(model, "--target-size", "50%", "--solver", "uniform", "--plot", tmp_path / "p.png", "-o", out)
+    assert result.exit_code == 2
+    assert "--plot" in result.stderr and "'uniform' draws no plot" in result.stderr
+    assert not out.exists() and not (tmp_path / "p.png").exists()
