@@ -116,15 +116,16 @@ def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list
 
 
 def _evaluator(model, example_inputs, spec: Spec, *, evaluate, loss_fn, calibration_loader, train_loader,
-               model_file) -> Evaluator:
-    """The evaluator a solver with the ``score`` capability searches with: the spec's executor and budget."""
+               model_file, bounded: bool = True) -> Evaluator:
+    """The evaluator a solver with the ``score`` capability searches with: the spec's executor and budget
+    (``bounded=False``: no evaluation or time limit, for the accuracy-target bisection)."""
     workload = Workload.in_memory(
         model, example_inputs, evaluate=evaluate, loss_fn=loss_fn, calibration=calibration_loader,
         train_loader=train_loader, model_file=model_file, recipe=spec.finetune)
     s = spec.search
     devices = list(s.devices) or [spec.device] * s.worker_count
     return Evaluator(workload, executor=s.executor, workers=s.worker_count, devices=devices, address=s.ray_address,
-                     budget=SearchBudget(s.max_evaluations, s.time_limit), seed=spec.seed)
+                     budget=SearchBudget(s.max_evaluations, s.time_limit) if bounded else SearchBudget(), seed=spec.seed)
 
 
 def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph) -> dict[str, Any]:
@@ -258,7 +259,13 @@ def compile(
             hint="raise --target-flops, or allow lower keep ratios (channel pruning reduces FLOPs; bits do not)",
         )
     if budget.bytes is None and budget.flops is None:  # accuracy-only target: the smallest that keeps it
-        budget = _accuracy_budget(problem, graph, solver_impl, spec, evaluate, accuracy_before, say)
+        bisection = _evaluator(model, example_inputs, spec, evaluate=evaluate, loss_fn=loss_fn,
+                               calibration_loader=calibration_loader, train_loader=train_loader,
+                               model_file=model_file, bounded=False)
+        try:
+            budget = _accuracy_budget(problem, solver_impl, spec, bisection, accuracy_before, say)
+        finally:
+            bisection.close()
     if budget.flops is not None and "flops" not in type(solver_impl).capabilities:
         raise BudgetError(f"solver {spec.solver!r} does not honour FLOPs budgets",
                           hint="use a solver with the 'flops' capability (uniform, greedy, convex, random), or drop target_flops")
@@ -357,16 +364,15 @@ def _objective(problem: Problem, plan: Plan) -> float | None:
     return None if choice is None else problem.objective(choice)
 
 
-def _accuracy_budget(problem: Problem, graph: Graph, solver_impl, spec: Spec, evaluate, accuracy_before, say) -> Budget:
-    """Bisect a byte budget: the smallest whose plan (without fine-tuning) keeps the accuracy floor."""
-    from compressc.passes.lowering.compact import lower
-
+def _accuracy_budget(problem: Problem, solver_impl, spec: Spec, evaluator: Evaluator, accuracy_before, say) -> Budget:
+    """Bisect a byte budget: the smallest whose plan keeps the accuracy floor, each plan scored as
+    every search scores one (``evaluator.score``: lowered, BatchNorm re-estimated, no fine-tuning)."""
     lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
     best = hi
     for _ in range(8):
         mid = (lo + hi) // 2
         plan = solver_impl.solve(problem, Budget(bytes=mid), np.random.default_rng(spec.seed))
-        accuracy = _evaluate(evaluate, lower(graph, plan).module, f"on a plan of {mid:,} bytes")
+        accuracy = evaluator.score(plan)
         say(f"accuracy at {mid:,} bytes: {accuracy:.4f}")
         if accuracy_before - accuracy <= spec.max_accuracy_drop:
             best, hi = mid, mid

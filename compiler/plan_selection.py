@@ -26,10 +26,9 @@ import torch.nn as nn
 
 from compressc.evaluation import checked_score
 from compressc.ir import Graph
-from compressc.passes.lowering.compact import finalize, prepare
 from compressc.plan import Plan
 from compressc.search.problem import Budget, Knob, Problem
-from compressc.recovery import recover
+from compressc.search.scoring import recovered_score
 from compressc.spec import Finetune
 
 __all__ = ["BIT_FLOORS", "UNIFORM_BITS", "EXTREME_RATIO", "with_bit_floor", "with_fixed_bits", "candidate_plans",
@@ -124,10 +123,9 @@ def select_plan(
     probe = dataclasses.replace(recipe, epochs=recipe.probe_epochs, patience=None)
     scores: list[dict[str, Any]] = []
     for label, plan in candidates:
-        prepared = prepare(graph, plan)
-        module, _ = recover(graph, prepared, train_loader, probe, device=device, seed=seed, loss_fn=loss_fn,
-                            calibration=calibration, progress=False)
-        score = checked_score(evaluate(finalize(prepared, module).module), f"on candidate plan {label!r}")
+        score = recovered_score(graph, plan, train_loader, probe,
+                                lambda module: checked_score(evaluate(module), f"on candidate plan {label!r}"),
+                                device=device, seed=seed, loss_fn=loss_fn, calibration=calibration)
         say(f"candidate {label}: {score:.4f} after {probe.epochs} probe epoch(s)")
         scores.append({"candidate": label, "score": score,
                        "bits": sorted({s.bits for s in plan.layers.values()}),

@@ -165,6 +165,19 @@ def test_accuracy_only_target_keeps_the_floor(tmp_path):
     assert not math.isnan(drop)
 
 
+def test_the_accuracy_bisection_scores_plans_through_the_evaluator(monkeypatch):
+    from compressc.search import Evaluator
+
+    scored = []
+    original = Evaluator.score
+    monkeypatch.setattr(Evaluator, "score", lambda self, plan, steps=0: scored.append(plan) or original(self, plan, steps))
+    ns: dict = {}
+    exec(textwrap.dedent(TRAINABLE), ns)
+    compressc.compile(ns["model"], (ns["example_input"],), max_accuracy_drop=0.05, evaluate=ns["evaluate"],
+                      solver="greedy", progress=False)
+    assert scored  # one place scores a plan: the bisection too
+
+
 def test_a_flops_target_needs_a_solver_that_honours_it(monkeypatch):
     from compressc.solvers.uniform import UniformSolver
 

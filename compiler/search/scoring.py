@@ -52,7 +52,7 @@ from compressc.plan import Plan
 from compressc.recovery import RECALIBRATION_BATCHES, recover
 from compressc.spec import Finetune
 
-__all__ = ["Workload", "Scorer", "plan_seed", "guarded_score"]
+__all__ = ["Workload", "Scorer", "plan_seed", "guarded_score", "recovered_score"]
 
 
 def plan_seed(plan: Plan, run_seed: int, steps: int) -> int:
@@ -149,14 +149,10 @@ class Scorer:
         w = self.workload
         with _threads(w.threads), torch.random.fork_rng():
             torch.manual_seed(seed)
-            prepared = prepare(self.graph, plan)
-            if not (plan.channels or plan.layers):  # the identity: nothing is folded (prepare), nothing to recover
-                return self._score(prepared.module.to(self.device).eval(), plan)
             loader = [w.train_batches[i % len(w.train_batches)] for i in range(steps)] if w.train_batches else None
             recipe = replace(w.recipe, epochs=1 if loader else 0, batches_per_epoch=steps if loader else None)
-            trained, _ = recover(self.graph, prepared, loader, recipe, device=self.device, seed=seed % 2**31,
-                                 loss_fn=self.loss_fn, calibration=w.bn_batches(), progress=False)
-            return self._score(finalize(prepared, trained).module.to(self.device).eval(), plan)
+            return recovered_score(self.graph, plan, loader, recipe, lambda m: self._score(m, plan), device=self.device,
+                                   seed=seed % 2**31, loss_fn=self.loss_fn, calibration=w.bn_batches())
 
     def _score(self, module: nn.Module, plan: Plan) -> float:
         if self.evaluate is not None:
@@ -166,6 +162,20 @@ class Scorer:
 
         outs = [_outputs(module, tuple(_to(x, self.device) for x in batch)) for batch in self.proxy_inputs]
         return -proxy_distortion(self.reference, outs)
+
+
+def recovered_score(graph, plan: Plan, train_loader: Iterable | None, recipe: Finetune,
+                    score: Callable[[nn.Module], float], *, device: str = "cpu", seed: int = 0,
+                    loss_fn: Callable | None = None, calibration: Iterable | None = None) -> float:
+    """``score`` of ``plan``'s artifact module after ``recipe``'s staged recovery on ``train_loader``
+    (BatchNorm re-estimated on ``calibration`` when there is nothing to train): the one way a plan is
+    scored, by the search's ``Scorer`` (a few steps) and by the driver's plan selection (probe epochs)."""
+    prepared = prepare(graph, plan)
+    if not (plan.channels or plan.layers or plan.removed):  # the identity: nothing folded, nothing to recover
+        return score(prepared.module.to(device).eval())
+    trained, _ = recover(graph, prepared, train_loader, recipe, device=device, seed=seed, loss_fn=loss_fn,
+                         calibration=calibration, progress=False)
+    return score(finalize(prepared, trained).module.to(device).eval())
 
 
 def _to(x: Any, device: str) -> Any:
