@@ -94,10 +94,14 @@ def _find(graph: Graph) -> list[RemovableBlock]:
     gm = graph.module
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     tree = _post_dominator_tree(gm)
+    live: set[str] = set()  # nodes whose value depends on a graph input
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a.name in live for a in n.all_input_nodes):
+            live.add(n.name)
     found: list[tuple[str, str, set[str], str, str]] = []  # (kind, name hint, nodes, exit, skip)
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in _ADDS and len(n.args) == 2 and not n.kwargs:
-            found.extend(_residual(graph, tree, n))
+            found.extend(_residual(graph, tree, n, live))
         elif graph.info(n).kind in (NodeKind.CONV, NodeKind.LINEAR) and n.op == "call_module":
             found.extend(_chain(graph, n))
     owners = _tensor_owners(gm)
@@ -114,13 +118,18 @@ def _find(graph: Graph) -> list[RemovableBlock]:
     return blocks
 
 
-def _residual(graph: Graph, tree: nx.DiGraph, add: fx.Node) -> list[tuple]:
+def _residual(graph: Graph, tree: nx.DiGraph, add: fx.Node, live: set[str]) -> list[tuple]:
+    """The add's branch that can go, replaced by its other operand: that operand must carry the input
+    (``live``), else removing the branch would cut the network off its input (a ViT's patch embedding
+    plus its position embedding is not a residual block)."""
     out, args = _value(add), add.args
     if out is None or not all(isinstance(a, fx.Node) and _value(a) == out for a in args) or args[0] is args[1]:
         return []
     options = []
     for i, q in enumerate(args):
         if len(q.users) != 1 or q.op in ("placeholder", "get_attr") or q.name not in tree:
+            continue
+        if args[1 - i].name not in live:
             continue
         region = {q.name} | nx.descendants(tree, q.name)
         nodes = {m for m in region if graph.node(m).op != "placeholder"}
