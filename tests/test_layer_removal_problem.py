@@ -169,3 +169,32 @@ def test_removal_goes_through_staged_recovery(tmp_path):
     assert result.plan.removed
     assert result.report["weights_bytes"] == result.report["predicted_bytes"] <= 400
     assert result.module(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("rules, pinned", [
+    ({"1": {"prune": False}}, {"1"}),  # the block's own id (a glob: "1" does not match "1.conv1")
+    ({"1.*": {"prune": False}}, {"1", "1.conv1", "1.conv2"}),  # its modules: it and the chains inside it
+    ({"2.conv2": {"prune": False}}, {"2", "2.conv2"}),  # a module inside pins it and the blocks around it
+    ({"*": {"prune": False}, "2.*": {"prune": True}}, {"1", "1.conv1", "1.conv2", "2"}),  # later rules win; "*" matches "2"
+])
+def test_prune_false_rules_keep_the_blocks_they_cover(tmp_path, rules, pinned):
+    """A ``prune = false`` rule pins every block that holds a module it matches: no ``remove`` knob, so no
+    solver removes it, even where removal is the only way to the target."""
+    import runpy
+
+    ns = runpy.run_path(str(_write(tmp_path / "net.py", RESIDUAL_MODEL)))
+    model, x = ns["model"], ns["example_inputs"][0]
+    g = compressc.trace(model, (x,))
+    spec = Spec().merged({"actions": {"bits": [4], "keep_ratios": [0.5], "auto_extend": False, "remove_layers": True},
+                          "rules": rules})
+    problem = build_problem(g, spec, cache_dir=False)
+    offered = {str(k.target) for k in problem.knobs if k.kind == "remove"}
+    assert offered == {b.id for b in removable_blocks(g)} - pinned
+    plan = get_solver("uniform").solve(problem, Budget(bytes=problem.bytes(problem.most_compressed())),
+                                       np.random.default_rng(0))
+    assert plan.removed and not set(plan.removed) & pinned
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path

@@ -4,7 +4,8 @@ Knobs: one ``keep`` knob per prunable channel group (options from the spec's kee
 per-layer rules: ``prune = false``, ``min_channels``, ``round_to``), one ``bits`` knob per weight tensor
 (the spec's bit-widths, or the one a rule fixes) and one ``sparsity`` knob per weight tensor when the
 spec allows sparsity, and one ``remove`` knob per removable block when the spec allows layer removal
-(it covers the knobs inside the block). Units of a group are ranked by the spec's importance criterion, with the best
+(it covers the knobs inside the block; a ``prune = false`` rule on the block or a module in it
+pins the block: no knob). Units of a group are ranked by the spec's importance criterion, with the best
 unit of every segment first so any option keeps each split part non-empty. Distortions come from the
 sensitivity pass; exact costs from the lowering passes and the size model.
 """
@@ -151,8 +152,19 @@ def _knobs(graph: Graph, spec: Spec, sparsity: tuple[str, ...], data: Any, exten
             if len(levels) > 1 or levels[0] != 0.0:
                 knobs.append(Knob(f"sparsity:{name}", "sparsity", name, levels, (0.0,) * len(levels)))
     if actions.remove_layers:
-        knobs += _remove_knobs(analysis, knobs, removable_blocks(graph))
+        blocks = [b for b in removable_blocks(graph) if not _pinned(graph, spec, b)]
+        knobs += _remove_knobs(analysis, knobs, blocks)
     return knobs, ranking
+
+
+def _pinned(graph: Graph, spec: Spec, block: RemovableBlock) -> bool:
+    """Whether a ``prune = false`` rule covers the block (its id, or a module in it): then it stays."""
+    modules = {block.id} | {t.rpartition(".")[0] for t in block.tensors}
+    modules |= {str(graph.node(n).target) for n in block.nodes if graph.node(n).op == "call_module"}
+    for name in modules:
+        if spec.rule_for(name).prune is False and any(r.prune is not None for r in spec.rules if r.matches(name)):
+            return True
+    return False
 
 
 def _remove_knobs(analysis, knobs: Sequence[Knob], blocks: list[RemovableBlock]) -> list[Knob]:
