@@ -22,7 +22,8 @@ from compressc.artifact import encode_weights
 from compressc.passes.analysis.channel_plan import predict_cost
 from compressc.passes.analysis.removable_blocks import removable_blocks
 from compressc.passes.lowering.compact import lower, predict_bytes
-from compressc.passes.lowering.remove_layers import UnknownBlockError, remove_layers, removed_reference, removed_view
+from compressc.passes.lowering.remove_layers import (RemovedGraphs, UnknownBlockError, remove_layers, removed_reference,
+                                                     removed_view, without_blocks)
 from compressc.plan import LayerSettings, Plan, weight_tensors
 
 from .arch_strategies import arch_specs, build, plans
@@ -170,3 +171,29 @@ def test_a_rewritten_graph_never_reads_stale_groups():
     assert after is not before and len([gr for gr in after if gr.prunable]) == 1
     with pytest.raises(KeyError, match="no node named '_2'"):
         g.node("_2")
+
+
+@settings(max_examples=int(os.environ.get("COMPRESSC_REMOVE_EXAMPLES", 60)) // 6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(requests=st.lists(st.lists(st.sampled_from(range(16)), min_size=1, max_size=3), min_size=1, max_size=14))
+def test_the_graphs_after_removal_cached_on_a_graph_are_bounded_and_share_its_weights(requests):
+    """However many removal sets a search asks for, a graph keeps at most ``RemovedGraphs.KEEP`` graphs
+    after removal (the most recently used), each holding the original's tensors, not copies, and each
+    the graph ``remove_layers`` builds."""
+    g = _RESNET_GRAPH
+    g.invalidate()  # one traced graph for every example: start each with no cache
+    ids = [b.id for b in removable_blocks(g)]
+    weights = {t.data_ptr() for t in g.module.state_dict().values()}
+    recent: list[tuple[str, ...]] = []
+    for picks in requests:
+        key = tuple(sorted({ids[i % len(ids)] for i in picks}))
+        out = without_blocks(g, list(key))
+        recent = [k for k in recent if k != key] + [key]
+        assert {t.data_ptr() for t in out.module.state_dict().values()} <= weights
+    cache = g.analysis("removed-graphs", RemovedGraphs).graphs
+    assert list(cache) == recent[-RemovedGraphs.KEEP:]
+    key = recent[-1]
+    assert out.module.code == remove_layers(g, key).module.code
+
+
+_RESNET_GRAPH = compressc.trace(*resnet_basic())

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import copy
 import difflib
-from dataclasses import dataclass
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -36,9 +38,7 @@ from compressc.passes.analysis.channel_plan import InfeasiblePlanError, validate
 from compressc.passes.analysis.removable_blocks import RemovableBlock, removable_blocks
 
 __all__ = ["remove_layers", "translate_channels", "removed_reference", "without_blocks", "removed_view", "RemoveLayersPass",
-           "UnknownBlockError"]
-
-_KEEP_GRAPHS = 8  # graphs after removal kept per graph (solvers ask for the same few sets again and again)
+           "RemovedGraphs", "UnknownBlockError"]
 
 
 class UnknownBlockError(InfeasiblePlanError):
@@ -73,10 +73,15 @@ def remove_layers(graph: Graph, removed: Iterable[str]) -> Graph:
     UnknownBlockError
         A name that is not a removable block of ``graph`` (the message suggests the closest one).
     """
+    return _rewired(graph, removed, {})
+
+
+def _rewired(graph: Graph, removed: Iterable[str], memo: dict) -> Graph:
+    """``remove_layers``; ``memo`` seeds the module's deep copy (tensors in it are shared, not copied)."""
     from compressc.frontends.fx import trace
 
     blocks = _resolve(graph, removed)
-    gm = copy.deepcopy(graph.module)
+    gm = copy.deepcopy(graph.module, memo)
     nodes = {n.name: n for n in gm.graph.nodes}
     replaced: dict[str, str] = {}  # exit -> skip of the blocks removed so far
     for block in blocks:
@@ -91,18 +96,34 @@ def remove_layers(graph: Graph, removed: Iterable[str]) -> Graph:
     return trace(gm, graph.example_inputs)
 
 
+@dataclass
+class RemovedGraphs:
+    """The graphs after removal that cost predictions and lowering ask for, the ``KEEP`` most recently
+    used (an LRU: solvers ask for the same few removal sets again and again). They share the original
+    graph's parameters and buffers, so each costs its fx graph and records, never a copy of the weights;
+    whoever changes one copies it first (``prune_channels`` and ``prepare`` do)."""
+
+    KEEP: ClassVar[int] = 8
+    graphs: OrderedDict[tuple[str, ...], Graph] = field(default_factory=OrderedDict)
+
+    def get(self, graph: Graph, removed: tuple[str, ...]) -> Graph:
+        if removed in self.graphs:
+            self.graphs.move_to_end(removed)
+            return self.graphs[removed]
+        shared = {id(t): t for t in itertools.chain(graph.module.parameters(), graph.module.buffers())}
+        out = self.graphs[removed] = _rewired(graph, removed, shared)
+        while len(self.graphs) > self.KEEP:
+            self.graphs.popitem(last=False)
+        return out
+
+
 def without_blocks(graph: Graph, removed: Sequence[str]) -> Graph:
-    """``remove_layers(graph, removed)``, cached on ``graph`` for the last few removal sets (the graph
-    itself when ``removed`` is empty)."""
+    """``remove_layers(graph, removed)`` sharing ``graph``'s tensors (read it, or copy it before changing
+    it), cached on ``graph`` for the last ``RemovedGraphs.KEEP`` removal sets; the graph itself when
+    ``removed`` is empty."""
     if not removed:
         return graph
-    cache: dict[tuple[str, ...], Graph] = graph.analysis("removed-graphs", dict)
-    key = tuple(sorted(set(removed)))
-    if key not in cache:
-        if len(cache) >= _KEEP_GRAPHS:
-            cache.pop(next(iter(cache)))
-        cache[key] = remove_layers(graph, key)
-    return cache[key]
+    return graph.analysis("removed-graphs", RemovedGraphs).get(graph, tuple(sorted(set(removed))))
 
 
 def translate_channels(graph: Graph, removed_graph: Graph, channels: Mapping[int, Sequence[int]]) -> dict[int, tuple[int, ...]]:
