@@ -20,6 +20,7 @@ from compressc.cli import main
 from compressc.console import format_bytes, format_count
 from compressc.errors import UserError
 from compressc.frontends.loader import load_model_file
+from compressc.pass_context import DumpIR, Log, ProgressBars
 from compressc.solvers.base import get_solver
 from compressc.spec import Spec
 
@@ -55,11 +56,14 @@ def default_output_dir(model_file: Path) -> Path:
 @click.option("--devices", help="One worker per device: cuda:0,cuda:1.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Draw what the solver recorded (ga: Pareto front; drl, n2n: learning curves) to this PNG/SVG/PDF.")
+@click.option("--dump-ir", type=click.Path(path_type=Path),
+              help="Write the traced and the compact graph's code to DIR/NN-phase.py.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
                     finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, max_evaluations,
-                    time_limit, executor, workers, ray_address, devices, plot_path, as_json: bool, force: bool) -> None:
+                    time_limit, executor, workers, ray_address, devices, plot_path, dump_ir: Path | None,
+                    as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
     import torch
 
@@ -90,10 +94,11 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     mf = load_model_file(model_file)
     if spec.finetune.epochs > 0 and mf.train_loader is None:
         err.print(f"[yellow]note:[/] {model_file} has no train_loader: fine-tuning is skipped")
+    instruments = (Log(lambda msg: err.print(f"[dim]compressc:[/] {msg}", highlight=False)), ProgressBars(err))
     result = compressc.compile(
         mf.module, mf.example_inputs, spec=spec, evaluate=mf.evaluate, train_loader=mf.train_loader,
-        calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn, model_file=model_file, progress=err.is_terminal,
-        log=lambda msg: err.print(f"[dim]compressc:[/] {msg}"), best_effort=best_effort,
+        calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn, model_file=model_file, progress=False,
+        instruments=instruments + ((DumpIR(dump_ir),) if dump_ir is not None else ()), best_effort=best_effort,
     )
     result.info = result.info.replace(model_file=str(model_file))
     report = result.report

@@ -33,7 +33,7 @@ __all__ = ["run_command"]
 def run_command(model_file: Path, pipeline: str, output: Path, dump_ir: Path | None, seed: int, force: bool) -> None:
     """Run PIPELINE (e.g. "fold-batchnorm,prune-channels{keep=0.5},quantize{bits=4}") on MODEL.py."""
     from compressc.frontends.fx import trace
-    from compressc.pass_context import DumpIR, PassContext, Progress, Timing
+    from compressc.pass_context import DumpIR, Log, PassContext, ProgressBars, Timing
     from compressc.passes.lowering.compact import compact_graph
     from compressc.pipeline import parse_pipeline
 
@@ -45,7 +45,7 @@ def run_command(model_file: Path, pipeline: str, output: Path, dump_ir: Path | N
         mf = load_model_file(model_file)
     graph = trace(mf.module, mf.example_inputs)
     timing = Timing()
-    instruments = (timing, Progress(lambda msg: err.print(f"[dim]compressc:[/] {msg}")))
+    instruments = (timing, Log(lambda msg: err.print(f"[dim]compressc:[/] {msg}", highlight=False)), ProgressBars(err))
     if dump_ir is not None:
         instruments += (DumpIR(dump_ir),)
     try:

@@ -15,10 +15,9 @@ True
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from compressc.errors import UserError
 from compressc.evaluation import checked_score
 from compressc.frontends.fx import trace
 from compressc.ir import Graph
+from compressc.pass_context import Instrument, Log, PassContext, ProgressBars, Timing
 from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, prepare
 from compressc.plan import Plan
 from compressc.plan_selection import candidate_count, candidate_plans, select_plan
@@ -95,8 +95,11 @@ class CompileResult:
         draw(path)
 
 
-def _evaluate(evaluate: Callable | None, module: nn.Module, when: str) -> float | None:
-    return None if evaluate is None else checked_score(evaluate(module), when)
+def _evaluate(ctx: PassContext, evaluate: Callable | None, module: nn.Module, when: str) -> float | None:
+    if evaluate is None:
+        return None
+    with ctx.phase("evaluate"):
+        return checked_score(evaluate(module), when)
 
 
 def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list[tuple] | None:
@@ -164,6 +167,7 @@ def compile(
     cache_dir=None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    instruments: Sequence[Instrument] = (),
     best_effort: bool = False,
     max_evaluations: int | None = None,
     time_limit: str | float | None = None,
@@ -183,9 +187,13 @@ def compile(
     (``RandomSolver(samples=64)``); ``max_evaluations``, ``time_limit``, ``executor`` and ``workers``
     override the spec's ``[search]`` table; ``model_file``: the file ``model`` came from, so that worker
     processes rebuild it from there.
+
+    Its phases (trace, evaluate, sensitivity, solve, candidates, lower, recovery, finalize) run in a
+    ``PassContext`` whose instruments time them (``report["timings"]``), show progress bars on stderr
+    (``progress``: ``ProgressBars``, drawn only on a terminal), say each phase and the notes through
+    ``log`` (``Log``), plus any ``instruments`` given (``DumpIR(dir)``: the traced and the compact
+    graph's code).
     """
-    t0 = time.perf_counter()
-    say = log or (lambda msg: None)
     solver_object = None if solver is None or isinstance(solver, str) else solver
     if solver_object is not None and not isinstance(solver_object, Solver):
         raise UserError(f"solver={solver!r} is neither a solver name nor a solver (name, capabilities, solve)")
@@ -203,18 +211,20 @@ def compile(
     solver_impl = solver_object or get_solver(spec.solver, **spec.solver_options)  # bad options fail before any work
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    timing = Timing()
+    ctx = PassContext(seed=spec.seed, device=spec.device, instruments=(
+        timing, *((Log(log),) if log else ()), *((ProgressBars(),) if progress else ()), *instruments))
     torch.manual_seed(spec.seed)
     model = copy.deepcopy(model).eval()  # the caller's model keeps its modes, tensors and tree (invariant 6)
-    say("tracing")
-    graph = trace(model, tuple(example_inputs))
+    with ctx.phase("trace") as phase:
+        graph = phase.graph = trace(model, tuple(example_inputs))
     totals = graph.totals()
     original_bytes = predict_bytes(graph, Plan())
     budget = Budget(bytes=spec.target_bytes(totals.weight_bytes), flops=spec.target_flops_value(totals.flops))
-    timings = {"trace_s": time.perf_counter() - t0}
     if spec.max_accuracy_drop is not None and evaluate is None:
         raise BudgetError("max_accuracy_drop needs an evaluate(model) function in the model file",
                           hint="add evaluate(model) -> float to the model file, or drop --max-accuracy-drop")
-    accuracy_before = _evaluate(evaluate, model, "on the original model")
+    accuracy_before = _evaluate(ctx, evaluate, model, "on the original model")
     report = Report(
         spec=spec.to_dict(), solver=spec.solver, seed=spec.seed,
         original=ModelStats(weights_bytes=original_bytes, fp32_weight_bytes=totals.weight_bytes, params=totals.params,
@@ -225,26 +235,84 @@ def compile(
             and spec.max_accuracy_drop is None:
         return CompileResult(model, Plan(), report.replace(noop=True), None)
 
-    say("measuring sensitivities")
+    with ctx.phase("sensitivity", graph):
+        problem, report = _problem(graph, spec, budget, report, ctx, evaluate=evaluate, train_loader=train_loader,
+                                   calibration_loader=calibration_loader, cache_dir=cache_dir)
+    if budget.bytes is None and budget.flops is None:  # accuracy-only target: the smallest that keeps it
+        bisection = _evaluator(model, example_inputs, spec, evaluate=evaluate, loss_fn=loss_fn,
+                               calibration_loader=calibration_loader, train_loader=train_loader,
+                               model_file=model_file, bounded=False)
+        try:
+            with ctx.phase("accuracy-budget", graph):
+                budget = _accuracy_budget(problem, solver_impl, spec, bisection, accuracy_before, ctx)
+        finally:
+            bisection.close()
+    if budget.flops is not None and "flops" not in type(solver_impl).capabilities:
+        raise BudgetError(f"solver {spec.solver!r} does not honour FLOPs budgets",
+                          hint="use a solver with the 'flops' capability (uniform, greedy, convex, random), or drop target_flops")
+    if "score" in solver_impl.capabilities:
+        problem.evaluator = _evaluator(model, example_inputs, spec, evaluate=evaluate, loss_fn=loss_fn,
+                                       calibration_loader=calibration_loader, train_loader=train_loader,
+                                       model_file=model_file)
+        # the search scored its candidates recovered on these batches: the chosen plan ships recovered on the same
+        calibration_loader = problem.evaluator.workload.bn_batches()
+    try:
+        plan, attempt, measured, compact, lowered, recovery, report = _solve_and_lower(
+            problem, solver_impl, budget, graph, spec, totals, report, ctx, train_loader=train_loader,
+            evaluate=evaluate, loss_fn=loss_fn, calibration_loader=calibration_loader)
+    finally:
+        if problem.evaluator is not None:
+            problem.evaluator.close()
+    accuracy_after = _evaluate(ctx, evaluate, compact.module, "on the compressed model")
+    after = lowered.totals()
+    statistics = getattr(solver_impl, "statistics", None)
+    report = report.replace(
+        plan=plan.to_dict(),
+        plan_summary=_plan_summary(plan, problem, graph),
+        predicted_bytes=problem.bytes_of(plan),
+        weights_bytes=measured,
+        compressed=ModelStats(params=after.params, macs=after.macs, flops=after.flops, accuracy=accuracy_after),
+        objective=_objective(problem, plan),
+        attempts=attempt + 1,
+        recovery=recovery.to_dict(),
+        search=None if problem.evaluator is None else problem.evaluator.stats(),
+        solver_statistics=statistics() if callable(statistics) else None,
+        timings=_timings(timing),
+    )
+    if spec.max_accuracy_drop is not None:
+        report = report.replace(accuracy_floor_met=accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12)
+    result = CompileResult(compact.module, plan, report, compact, solver_impl)
+    if report.accuracy_floor_met is False:
+        _floor_missed(result, accuracy_before, accuracy_after, spec.max_accuracy_drop, best_effort, ctx)
+    return result
+
+
+def _timings(timing: Timing) -> dict[str, float]:
+    """report.json's ``timings``: seconds per phase (summed over its runs: attempts, evaluations) and in all."""
+    names = dict.fromkeys(name for name, _ in timing.seconds)
+    return {**{f"{name}_s": round(timing.total(name), 3) for name in names}, "total_s": round(timing.elapsed(), 3)}
+
+
+def _problem(graph: Graph, spec: Spec, budget: Budget, report: Report, ctx: PassContext, *, evaluate, train_loader,
+             calibration_loader, cache_dir) -> tuple[Problem, Report]:
+    """The grids the target needs, the problem with measured sensitivities, and its floor checked."""
     from compressc.search.problem_builder import build_problem, extend_actions
 
-    t1 = time.perf_counter()
     extension = extend_actions(graph, spec, budget.bytes, train_loader)
     sparsity = extension.sparsity
     if extension.keep:
-        say("the target is below what the keep-ratio grid reaches: keep ratios extended down to one channel "
-            "per group (actions.auto_extend)")
+        ctx.say("the target is below what the keep-ratio grid reaches: keep ratios extended down to one channel "
+                "per group (actions.auto_extend)")
     if extension.one_bit:
-        say("the target is below what 2-bit layers reach: 1-bit layers allowed (actions.auto_extend)")
+        ctx.say("the target is below what 2-bit layers reach: 1-bit layers allowed (actions.auto_extend)")
     if sparsity != spec.actions.sparsity:
-        say("the target is below what channels and bits alone reach: unstructured sparsity is on "
-            "(actions.auto_extend)")
+        ctx.say("the target is below what channels and bits alone reach: unstructured sparsity is on "
+                "(actions.auto_extend)")
     report = report.replace(extended_actions={"keep": extension.keep, "one_bit": extension.one_bit,
                                               "sparsity": list(sparsity)})
     problem = build_problem(graph, spec, evaluate=evaluate, data=train_loader,
                             calibration_inputs=_calibration_inputs(calibration_loader),
-                            cache_dir=cache_dir, progress=progress, extension=extension)
-    timings["sensitivity_s"] = time.perf_counter() - t1
+                            cache_dir=cache_dir, extension=extension, ctx=ctx)
     floor = problem.most_compressed()
     if budget.bytes is not None and problem.bytes(floor) > budget.bytes:
         raise BudgetError(
@@ -258,56 +326,11 @@ def compile(
             f"target FLOPs {budget.flops:,} are below the fewest this spec allows: {problem.flops(floor):,}",
             hint="raise --target-flops, or allow lower keep ratios (channel pruning reduces FLOPs; bits do not)",
         )
-    if budget.bytes is None and budget.flops is None:  # accuracy-only target: the smallest that keeps it
-        bisection = _evaluator(model, example_inputs, spec, evaluate=evaluate, loss_fn=loss_fn,
-                               calibration_loader=calibration_loader, train_loader=train_loader,
-                               model_file=model_file, bounded=False)
-        try:
-            budget = _accuracy_budget(problem, solver_impl, spec, bisection, accuracy_before, say)
-        finally:
-            bisection.close()
-    if budget.flops is not None and "flops" not in type(solver_impl).capabilities:
-        raise BudgetError(f"solver {spec.solver!r} does not honour FLOPs budgets",
-                          hint="use a solver with the 'flops' capability (uniform, greedy, convex, random), or drop target_flops")
-    if "score" in solver_impl.capabilities:
-        problem.evaluator = _evaluator(model, example_inputs, spec, evaluate=evaluate, loss_fn=loss_fn,
-                                       calibration_loader=calibration_loader, train_loader=train_loader,
-                                       model_file=model_file)
-        # the search scored its candidates recovered on these batches: the chosen plan ships recovered on the same
-        calibration_loader = problem.evaluator.workload.bn_batches()
-    try:
-        plan, attempt, measured, compact, recovery, report = _solve_and_lower(
-            problem, solver_impl, budget, graph, spec, totals, report, timings, say, train_loader=train_loader,
-            evaluate=evaluate, loss_fn=loss_fn, calibration_loader=calibration_loader, progress=progress)
-    finally:
-        if problem.evaluator is not None:
-            problem.evaluator.close()
-    after = trace(compact.module, tuple(example_inputs)).totals()
-    accuracy_after = _evaluate(evaluate, compact.module, "on the compressed model")
-    statistics = getattr(solver_impl, "statistics", None)
-    report = report.replace(
-        plan=plan.to_dict(),
-        plan_summary=_plan_summary(plan, problem, graph),
-        predicted_bytes=problem.bytes_of(plan),
-        weights_bytes=measured,
-        compressed=ModelStats(params=after.params, macs=after.macs, flops=after.flops, accuracy=accuracy_after),
-        objective=_objective(problem, plan),
-        attempts=attempt + 1,
-        recovery=recovery.to_dict(),
-        search=None if problem.evaluator is None else problem.evaluator.stats(),
-        solver_statistics=statistics() if callable(statistics) else None,
-        timings={k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - t0}.items()},
-    )
-    if spec.max_accuracy_drop is not None:
-        report = report.replace(accuracy_floor_met=accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12)
-    result = CompileResult(compact.module, plan, report, compact, solver_impl)
-    if report.accuracy_floor_met is False:
-        _floor_missed(result, accuracy_before, accuracy_after, spec.max_accuracy_drop, best_effort, say)
-    return result
+    return problem, report
 
 
-def _solve_and_lower(problem, solver_impl, budget, graph, spec, totals, report, timings, say, *, train_loader,
-                     evaluate, loss_fn, calibration_loader, progress):
+def _solve_and_lower(problem, solver_impl, budget, graph, spec, totals, report, ctx: PassContext, *, train_loader,
+                     evaluate, loss_fn, calibration_loader):
     """Solve, lower, recover and measure; tighten the budget by the overshoot if the file is over it."""
     rng = np.random.default_rng(spec.seed)
     effective = budget
@@ -315,39 +338,39 @@ def _solve_and_lower(problem, solver_impl, budget, graph, spec, totals, report, 
     compare = candidate_count(spec.finetune, ratio) if (
         evaluate is not None and train_loader is not None and spec.finetune.epochs > 0) else 1
     for attempt in range(5):
-        t2 = time.perf_counter()
-        say(f"solving with {spec.solver}")
+        with ctx.phase("solve", graph):
+            if compare > 1:
+                candidates = candidate_plans(problem, effective, lambda p: solver_impl.solve(
+                    p, effective, np.random.default_rng(spec.seed)), compare)
+            else:
+                plan = solver_impl.solve(problem, effective, rng)
         if compare > 1:
-            candidates = candidate_plans(problem, effective, lambda p: solver_impl.solve(
-                p, effective, np.random.default_rng(spec.seed)), compare)
-            timings["solve_s"] = time.perf_counter() - t2
-            say(f"comparing {len(candidates)} candidate plans by a short recovery")
-            plan, scores = select_plan(
-                graph, candidates, train_loader, spec.finetune, evaluate, device=spec.device, seed=spec.seed,
-                loss_fn=loss_fn, calibration=calibration_loader, say=say)
+            with ctx.phase("candidates", graph):
+                ctx.say(f"comparing {len(candidates)} candidate plans by a short recovery")
+                plan, scores = select_plan(
+                    graph, candidates, train_loader, spec.finetune, evaluate, device=spec.device, seed=spec.seed,
+                    loss_fn=loss_fn, calibration=calibration_loader, ctx=ctx)
             report = report.replace(candidates=scores)
-            timings["candidates_s"] = time.perf_counter() - t2 - timings["solve_s"]
-        else:
-            plan = solver_impl.solve(problem, effective, rng)
-            timings["solve_s"] = time.perf_counter() - t2
-        prepared = prepare(graph, plan)
-        t3 = time.perf_counter()
-        trained, recovery = recover(graph, prepared, train_loader, spec.finetune, device=spec.device, seed=spec.seed,
-                                    loss_fn=loss_fn, evaluate=evaluate, calibration=calibration_loader,
-                                    progress=progress, say=say)
-        timings["recovery_s"] = time.perf_counter() - t3
-        compact = finalize(prepared, trained)
-        measured = len(encode_weights(compact.records))
+        with ctx.phase("lower", graph):
+            prepared = prepare(graph, plan)
+        with ctx.phase("recovery", graph):
+            trained, recovery = recover(graph, prepared, train_loader, spec.finetune, device=spec.device, seed=spec.seed,
+                                        loss_fn=loss_fn, evaluate=evaluate, calibration=calibration_loader, ctx=ctx)
+        with ctx.phase("finalize", graph) as phase:
+            compact = finalize(prepared, trained)
+            measured = len(encode_weights(compact.records))
+            lowered = phase.graph = trace(compact.module, graph.example_inputs)
         if budget.bytes is None or measured <= budget.bytes:
             break
-        say(f"measured {measured:,} bytes > target {budget.bytes:,}: tightening")
+        ctx.say(f"measured {measured:,} bytes > target {budget.bytes:,}: tightening")
         effective = Budget(bytes=effective.bytes - (measured - budget.bytes), flops=effective.flops)
     else:
         raise BudgetError(f"could not meet {budget.bytes:,} bytes after 5 attempts (last: {measured:,})")
-    return plan, attempt, measured, compact, recovery, report
+    return plan, attempt, measured, compact, lowered, recovery, report
 
 
-def _floor_missed(result: CompileResult, before: float, after: float, allowed: float, best_effort: bool, say) -> None:
+def _floor_missed(result: CompileResult, before: float, after: float, allowed: float, best_effort: bool,
+                  ctx: PassContext) -> None:
     """A result that breaks the accuracy floor: raise, or with ``best_effort`` warn loudly."""
     message = (f"accuracy floor missed: evaluate() fell from {before:.4f} to {after:.4f}, a drop of "
                f"{before - after:.4f} where at most {allowed:.4f} is allowed")
@@ -355,7 +378,7 @@ def _floor_missed(result: CompileResult, before: float, after: float, allowed: f
         raise AccuracyFloorError(message, result=result,
                                  hint="allow a larger size or drop, fine-tune (--finetune-epochs), or pass --best-effort "
                                       "to keep this result anyway")
-    say(f"warning: {message} (kept: best effort)")
+    ctx.say(f"warning: {message} (kept: best effort)")
     warnings.warn(message, AccuracyFloorWarning, stacklevel=3)
 
 
@@ -364,7 +387,8 @@ def _objective(problem: Problem, plan: Plan) -> float | None:
     return None if choice is None else problem.objective(choice)
 
 
-def _accuracy_budget(problem: Problem, solver_impl, spec: Spec, evaluator: Evaluator, accuracy_before, say) -> Budget:
+def _accuracy_budget(problem: Problem, solver_impl, spec: Spec, evaluator: Evaluator, accuracy_before,
+                     ctx: PassContext) -> Budget:
     """Bisect a byte budget: the smallest whose plan keeps the accuracy floor, each plan scored as
     every search scores one (``evaluator.score``: lowered, BatchNorm re-estimated, no fine-tuning)."""
     lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
@@ -373,7 +397,7 @@ def _accuracy_budget(problem: Problem, solver_impl, spec: Spec, evaluator: Evalu
         mid = (lo + hi) // 2
         plan = solver_impl.solve(problem, Budget(bytes=mid), np.random.default_rng(spec.seed))
         accuracy = evaluator.score(plan)
-        say(f"accuracy at {mid:,} bytes: {accuracy:.4f}")
+        ctx.say(f"accuracy at {mid:,} bytes: {accuracy:.4f}")
         if accuracy_before - accuracy <= spec.max_accuracy_drop:
             best, hi = mid, mid
         else:

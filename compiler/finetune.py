@@ -14,7 +14,7 @@ with ``w = distill_weight``; see :func:`distillation_loss` for the soft term and
 >>> teacher = nn.Linear(4, 3)
 >>> student = copy.deepcopy(teacher)  # the lowered model, in the compiler
 >>> data = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
->>> report = finetune(student, teacher, data, FinetuneConfig(epochs=2), progress=False)
+>>> report = finetune(student, teacher, data, FinetuneConfig(epochs=2))
 >>> len(report.losses), report.best_epoch, report.accuracies is None
 (2, 2, True)
 """
@@ -32,12 +32,11 @@ from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from compressc.errors import UserError
 from compressc.evaluation import checked_score
+from compressc.pass_context import PassContext, Task
 from compressc.spec import Finetune, SpecError
 
 __all__ = ["FinetuneConfig", "FinetuneReport", "distillation_loss", "finetune", "find_lr", "lr_factor", "split_batch"]
@@ -294,11 +293,6 @@ def _to(value: Any, device: torch.device) -> Any:
 
 
 # -- the loop ------------------------------------------------------------------------------------
-def _console() -> Console:
-    """Where the progress bar goes (stderr); tests swap it for a terminal that writes to a buffer."""
-    return Console(stderr=True)
-
-
 def _device_of(module: nn.Module) -> torch.device | None:
     """The one device a module's tensors live on; None if it has none or spans several."""
     devices = {t.device for t in itertools.chain(module.parameters(), module.buffers())}
@@ -411,7 +405,7 @@ def finetune(
     *,
     loss_fn: LossFn | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
-    progress: bool = True,
+    ctx: PassContext | None = None,
 ) -> FinetuneReport:
     """Train ``student`` in place to match ``teacher`` (and the targets) on ``train_loader``.
 
@@ -421,9 +415,9 @@ def finetune(
     came in. The teacher runs in eval mode under ``no_grad``; its parameters, buffers and flags are
     never written. With ``evaluate``, the student is scored before training and after each epoch (in
     eval mode, under ``no_grad``, on the device it came on), and ends holding the weights of the best
-    score (ties go to the later epoch; the starting weights when no epoch beat them). A rich progress
-    bar (one line per epoch) goes to stderr when it is a terminal and ``progress`` is true; nothing is
-    ever written to stdout.
+    score (ties go to the later epoch; the starting weights when no epoch beat them). Progress goes to
+    ``ctx`` as one task per epoch (its instruments draw it, e.g. ``ProgressBars``); nothing is ever
+    printed.
 
     Raises ``UserError`` on an empty loader, a batch of unknown shape, a non-finite loss (naming the
     epoch and batch) and an ``evaluate`` that returns a non-number or a non-finite number.
@@ -443,20 +437,15 @@ def finetune(
     homes = (_device_of(student), _device_of(teacher))
     modes = (student.training, teacher.training)
     rng_devices = [] if device.type == "cpu" else [device.index or 0]
-    console = _console()
-    bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), console=console, disable=not (progress and console.is_terminal),
-        redirect_stdout=False, redirect_stderr=False,
-    )
     try:
-        with torch.random.fork_rng(devices=rng_devices, device_type=device.type), torch.enable_grad(), bar:
+        with torch.random.fork_rng(devices=rng_devices, device_type=device.type), torch.enable_grad():
             torch.manual_seed(config.seed)
             student.to(device).train()
             teacher.eval()
             if config.distill_weight > 0:  # plain fine-tuning never runs the teacher
                 teacher.to(device)
-            report = _train(student, teacher, train_loader, config, params, loss_fn, evaluate, bar, device, homes[0])
+            report = _train(student, teacher, train_loader, config, params, loss_fn, evaluate, ctx or PassContext(),
+                            device, homes[0])
     finally:
         for module, home, mode in zip((student, teacher), homes, modes):
             if home is not None:
@@ -507,7 +496,7 @@ class _Run:
             group["lr"] = self.lr * lr_factor(progress, self.config.warmup, self.config.schedule)
 
 
-def _epoch(run: _Run, epoch: int, bar, task) -> tuple[float, int]:
+def _epoch(run: _Run, epoch: int, task: Task) -> tuple[float, int]:
     """Train one epoch; ``(mean batch loss, batches drawn)``."""
     running, n = 0.0, 0
     config = run.config
@@ -528,11 +517,12 @@ def _epoch(run: _Run, epoch: int, bar, task) -> tuple[float, int]:
         run.optimizer.step()
         run.step += 1
         running += value
-        bar.update(task, advance=1, loss=f"{running / n:.4f}")
+        task.advance(detail=f"loss {running / n:.4f}")
     return running / max(n, 1), n
 
 
-def _train(student, teacher, train_loader, config, params, loss_fn, evaluate, bar, device, home) -> dict[str, Any]:
+def _train(student, teacher, train_loader, config, params, loss_fn, evaluate, ctx: PassContext, device,
+           home) -> dict[str, Any]:
     per_epoch = _epoch_total(train_loader, config.batches_per_epoch)
     lr = config.lr
     if lr == "auto":
@@ -544,23 +534,24 @@ def _train(student, teacher, train_loader, config, params, loss_fn, evaluate, ba
     best_epoch, best_state = (config.epochs, None) if evaluate is None else (0, _snapshot(student))
     losses, counts, scores = [], [], []
     for epoch in range(1, config.epochs + 1):
-        task = bar.add_task(f"epoch {epoch}/{config.epochs}", total=per_epoch, loss="-")
-        loss, n = _epoch(run, epoch, bar, task)
-        if n == 0 and epoch == 1:
-            raise UserError("train_loader yielded no batches",
-                            hint="check that the data set is not empty and drop_last does not drop its only batch")
-        if n == 0:
-            raise UserError(
-                f"train_loader yielded no batches in epoch {epoch} (it yielded {counts[0]} in epoch 1)",
-                hint="it is probably a one-shot iterator (a generator): make it a list or a DataLoader",
-            )
-        run.per_epoch = run.per_epoch or n
-        losses.append(loss)
-        counts.append(n)
-        bar.update(task, total=n)
+        with ctx.task(f"epoch {epoch}/{config.epochs}", total=per_epoch, detail="loss -") as task:
+            loss, n = _epoch(run, epoch, task)
+            if n == 0 and epoch == 1:
+                raise UserError("train_loader yielded no batches",
+                                hint="check that the data set is not empty and drop_last does not drop its only batch")
+            if n == 0:
+                raise UserError(
+                    f"train_loader yielded no batches in epoch {epoch} (it yielded {counts[0]} in epoch 1)",
+                    hint="it is probably a one-shot iterator (a generator): make it a list or a DataLoader",
+                )
+            run.per_epoch = run.per_epoch or n
+            losses.append(loss)
+            counts.append(n)
+            task.update(total=n)
+            if evaluate is not None:
+                scores.append(_score(evaluate, student, home, f"after epoch {epoch}"))
+                task.update(description=f"epoch {epoch}/{config.epochs} · score {scores[-1]:.4f}")
         if evaluate is not None:
-            scores.append(_score(evaluate, student, home, f"after epoch {epoch}"))
-            bar.update(task, description=f"epoch {epoch}/{config.epochs} · score {scores[-1]:.4f}")
             if scores[-1] >= best_score:  # ties: the later epoch, closer to the teacher
                 best_score, best_epoch, best_state = scores[-1], epoch, _snapshot(student)
             elif config.patience is not None and epoch - best_epoch >= config.patience:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from compressc.evaluation import checked_score
 from compressc.ir import Graph
+from compressc.pass_context import PassContext
 from compressc.plan import Plan
 from compressc.search.problem import Budget, Knob, Problem
 from compressc.search.scoring import recovered_score
@@ -116,19 +117,24 @@ def select_plan(
     seed: int = 0,
     loss_fn: Callable | None = None,
     calibration: Iterable | None = None,
-    say: Callable[[str], None] = lambda msg: None,
+    ctx: PassContext | None = None,
 ) -> tuple[Plan, list[dict[str, Any]]]:
     """The candidate whose artifact scores best after ``recipe.probe_epochs`` of recovery, and every
-    candidate's score (for the report). Ties keep the earlier candidate (the solver's own plan first)."""
+    candidate's score (for the report). Ties keep the earlier candidate (the solver's own plan first).
+    Progress goes to ``ctx``: a ``candidates`` task, and each candidate's score said."""
+    ctx = ctx or PassContext()
     probe = dataclasses.replace(recipe, epochs=recipe.probe_epochs, patience=None)
     scores: list[dict[str, Any]] = []
-    for label, plan in candidates:
-        score = recovered_score(graph, plan, train_loader, probe,
-                                lambda module: checked_score(evaluate(module), f"on candidate plan {label!r}"),
-                                device=device, seed=seed, loss_fn=loss_fn, calibration=calibration)
-        say(f"candidate {label}: {score:.4f} after {probe.epochs} probe epoch(s)")
-        scores.append({"candidate": label, "score": score,
-                       "bits": sorted({s.bits for s in plan.layers.values()}),
-                       "channels_kept": sum(len(k) for k in plan.channels.values())})
+    with ctx.task("candidates", total=len(candidates)) as task:
+        for label, plan in candidates:
+            task.update(detail=label)
+            score = recovered_score(graph, plan, train_loader, probe,
+                                    lambda module: checked_score(evaluate(module), f"on candidate plan {label!r}"),
+                                    device=device, seed=seed, loss_fn=loss_fn, calibration=calibration)
+            ctx.say(f"candidate {label}: {score:.4f} after {probe.epochs} probe epoch(s)")
+            scores.append({"candidate": label, "score": score,
+                           "bits": sorted({s.bits for s in plan.layers.values()}),
+                           "channels_kept": sum(len(k) for k in plan.channels.values())})
+            task.advance()
     best = max(range(len(candidates)), key=lambda i: (scores[i]["score"], -i))
     return candidates[best][1], scores

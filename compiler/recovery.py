@@ -25,7 +25,7 @@ activation's statistics, and a folded BatchNorm cannot adapt any more.
 >>> g = compressc.trace(net, (torch.randn(2, 1, 6, 6),))
 >>> plan = Plan(channels={0: (0, 1, 2, 3)}, layers={"0.weight": LayerSettings(bits=4), "4.weight": LayerSettings(bits=4)})
 >>> data = [(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))) for _ in range(3)]
->>> module, report = recover(g, prepare(g, plan), data, Finetune(epochs=2), progress=False)
+>>> module, report = recover(g, prepare(g, plan), data, Finetune(epochs=2))
 >>> [s.name for s in report.stages], [type(m).__name__ for m in module.children()]
 (['float', 'quantization-aware'], ['Conv2d', 'ReLU', 'Flatten', 'Linear'])
 """
@@ -45,6 +45,7 @@ from torch.nn.utils import parametrize
 
 from compressc.finetune import FinetuneConfig, FinetuneReport, finetune, split_batch
 from compressc.ir import Graph
+from compressc.pass_context import PassContext
 from compressc.passes.lowering.compact import Prepared
 from compressc.passes.lowering.fake_quant import fake_quantize_module
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm, foldable_batchnorms
@@ -191,8 +192,7 @@ def recover(
     loss_fn: Callable | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
     calibration: Iterable | None = None,
-    progress: bool = True,
-    say: Callable[[str], None] = lambda msg: None,
+    ctx: PassContext | None = None,
 ) -> tuple[fx.GraphModule, RecoveryReport]:
     """Recover ``prepared`` (from ``prepare(graph, plan)``) by distillation from ``graph.module``.
 
@@ -200,8 +200,9 @@ def recover(
     structure and parameter names as ``prepared.module``) and what each stage did. ``recipe.epochs``
     are split by :func:`float_epochs`; with 0 epochs (or no ``train_loader``) only the BatchNorm
     statistics are re-estimated, on ``calibration`` batches (or the ``train_loader``'s inputs).
-    ``graph.module`` is never changed.
+    ``graph.module`` is never changed. Each stage is said and its epochs reported to ``ctx``.
     """
+    ctx = ctx or PassContext()
     plan = prepared.plan
     if not (plan.channels or plan.layers):  # the identity plan: prepare() kept the module as it is
         return copy.deepcopy(prepared.module), RecoveryReport(())
@@ -217,20 +218,20 @@ def recover(
     n_float = float_epochs(recipe, prepared)
     config = FinetuneConfig.of(recipe, device=device, seed=seed)
     if n_float:
-        say(f"recovering in float ({n_float} epoch{'s' * (n_float > 1)}, BatchNorm live)")
+        ctx.say(f"recovering in float ({n_float} epoch{'s' * (n_float > 1)}, BatchNorm live)")
         float_specs = {name: QuantSpec(bits=32) for name in masks}  # masks only: weights stay float
         student = fake_quantize_module(student, float_specs, masks=masks) if float_specs else student
         report = finetune(student, teacher, train_loader, dataclasses.replace(config, epochs=n_float),
-                          loss_fn=loss_fn, evaluate=evaluate, progress=progress)
+                          loss_fn=loss_fn, evaluate=evaluate, ctx=ctx)
         stages.append(StageReport("float", n_float, report))
         student = _strip(student)
     n_qat = recipe.epochs - n_float
     if n_qat:
-        say(f"recovering quantization-aware ({n_qat} epoch{'s' * (n_qat > 1)})")
+        ctx.say(f"recovering quantization-aware ({n_qat} epoch{'s' * (n_qat > 1)})")
         student = fake_quantize_module(student, dict(prepared.specs), masks=masks,
                                        folded=_folded_weights(student))
         report = finetune(student, teacher, train_loader, dataclasses.replace(config, epochs=n_qat, seed=seed + 1),
-                          loss_fn=loss_fn, evaluate=evaluate, progress=progress)
+                          loss_fn=loss_fn, evaluate=evaluate, ctx=ctx)
         stages.append(StageReport("quantization-aware", n_qat, report))
         student = _strip(student)
     return _as_prepared(prepared, student), RecoveryReport(tuple(stages), recalibrated)

@@ -18,8 +18,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import compressc.finetune as ft
 from compressc.errors import UserError
+from compressc.pass_context import PassContext, ProgressBars
 from compressc.finetune import FinetuneConfig, distillation_loss, finetune, split_batch
 
 
@@ -106,7 +106,7 @@ def test_distillation_recovers_a_damaged_student(digits):
     student = damaged(teacher)
     before = evaluate(student)
     config = FinetuneConfig(epochs=2, lr=3e-3, optimizer="adam", schedule="constant", warmup=0.0)
-    report = finetune(student, teacher, loader(xtr, ytr), config, evaluate=evaluate, progress=False)
+    report = finetune(student, teacher, loader(xtr, ytr), config, evaluate=evaluate)
     after = evaluate(student)
     assert report.accuracy_before == before
     assert after == report.best_accuracy  # the student ends with the weights of the best score
@@ -136,8 +136,7 @@ def test_quantization_aware_student_trains_through_a_parametrization(digits):
     originals = [m.parametrizations.weight.original for m in student if isinstance(m, nn.Linear)]
     start = [o.detach().clone() for o in originals]
     before = evaluate(student)
-    report = finetune(student, teacher, loader(xtr, ytr), FinetuneConfig(epochs=2, lr=3e-3, optimizer="adam"), evaluate=evaluate,
-                      progress=False)
+    report = finetune(student, teacher, loader(xtr, ytr), FinetuneConfig(epochs=2, lr=3e-3, optimizer="adam"), evaluate=evaluate)
     assert all(o.grad is not None and o.grad.abs().sum() > 0 for o in originals)  # gradients got through
     assert not all(torch.equal(o, s) for o, s in zip(originals, start))
     assert parametrize.is_parametrized(student[0], "weight")
@@ -149,15 +148,14 @@ def test_pure_distillation_needs_no_labels(digits):
     evaluate = accuracy_on(xte, yte)
     student = damaged(teacher)
     before = evaluate(student)
-    finetune(student, teacher, loader(xtr), FinetuneConfig(epochs=2, lr=3e-3, optimizer="adam", distill_weight=1.0), progress=False)
+    finetune(student, teacher, loader(xtr), FinetuneConfig(epochs=2, lr=3e-3, optimizer="adam", distill_weight=1.0))
     assert evaluate(student) >= before + 0.2  # measured: 0.52 -> 0.95
 
 
 def test_plain_fine_tuning_without_labels_is_an_error():
     student, teacher = pair()
     with pytest.raises(UserError, match="needs targets"):
-        finetune(student, teacher, tiny_data(labeled=False), FinetuneConfig(epochs=1, distill_weight=0),
-                 progress=False)
+        finetune(student, teacher, tiny_data(labeled=False), FinetuneConfig(epochs=1, distill_weight=0))
 
 
 def test_teacher_is_bit_identical_after():
@@ -167,7 +165,7 @@ def test_teacher_is_bit_identical_after():
     student = copy.deepcopy(teacher)
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
     flags = [(p.requires_grad, p.grad) for p in teacher.parameters()]
-    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=2, lr=1e-1), progress=False)
+    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=2, lr=1e-1))
     assert teacher.training and all(m.training for m in teacher.modules())  # its mode is restored
     assert all(torch.equal(v, state[k]) for k, v in teacher.state_dict().items())  # BN statistics included
     assert [(p.requires_grad, p.grad) for p in teacher.parameters()] == flags
@@ -180,7 +178,7 @@ def test_same_seed_same_weights_and_the_callers_random_state_is_left_alone(digit
 
     def run(seed):
         student = copy.deepcopy(net)
-        finetune(student, teacher, loader(xtr, ytr), FinetuneConfig(epochs=1, seed=seed), progress=False)
+        finetune(student, teacher, loader(xtr, ytr), FinetuneConfig(epochs=1, seed=seed))
         return student.state_dict()
 
     rng = torch.get_rng_state()
@@ -205,19 +203,19 @@ def test_the_best_epoch_is_kept():
 
     config = FinetuneConfig(epochs=3, lr=0.1)
     student, teacher = pair()
-    report = finetune(student, teacher, tiny_data(), config, evaluate=scripted(0.5, 0.9, 0.2, 0.9), progress=False)
+    report = finetune(student, teacher, tiny_data(), config, evaluate=scripted(0.5, 0.9, 0.2, 0.9))
     assert report.accuracies == (0.9, 0.2, 0.9) and report.accuracy_before == 0.5
     assert report.best_epoch == 3 and report.best_accuracy == 0.9  # ties go to the later epoch
 
     student, teacher = pair()
     evaluate = scripted(0.5, 0.9, 0.2, 0.1)
-    report = finetune(student, teacher, tiny_data(), config, evaluate=evaluate, progress=False)
+    report = finetune(student, teacher, tiny_data(), config, evaluate=evaluate)
     assert report.best_epoch == 1 and report.best_accuracy == 0.9
     assert all(torch.equal(v, evaluate.seen[1][k]) for k, v in student.state_dict().items())
 
     student, teacher = pair()
     evaluate = scripted(0.8, 0.1, 0.7, 0.3)
-    report = finetune(student, teacher, tiny_data(), config, evaluate=evaluate, progress=False)
+    report = finetune(student, teacher, tiny_data(), config, evaluate=evaluate)
     assert report.best_epoch == 0 and report.best_accuracy == 0.8  # nothing beat the weights it came with
     assert all(torch.equal(v, evaluate.seen[0][k]) for k, v in student.state_dict().items())
 
@@ -227,20 +225,20 @@ def test_modes_are_restored_and_zero_epochs_is_a_no_op():
     student.eval()
     start = copy.deepcopy(student.state_dict())
     report = finetune(student, teacher, Counting(tiny_data()), FinetuneConfig(epochs=0),
-                      evaluate=lambda m: pytest.fail("not called"), progress=False)
+                      evaluate=lambda m: pytest.fail("not called"))
     assert report.losses == () and report.best_epoch == 0 and report.accuracies is None
     assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
-    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=1), progress=False)
+    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=1))
     assert not student.training and teacher.training
 
 
 def test_batches_per_epoch_caps_the_batches_drawn():
     student, teacher = pair()
     data = Counting(tiny_data(10))
-    report = finetune(student, teacher, data, FinetuneConfig(epochs=2, batches_per_epoch=3), progress=False)
+    report = finetune(student, teacher, data, FinetuneConfig(epochs=2, batches_per_epoch=3))
     assert data.drawn == 6 and report.batches == (3, 3)
     data = Counting(tiny_data(2))
-    report = finetune(student, teacher, data, FinetuneConfig(epochs=2, batches_per_epoch=3), progress=False)
+    report = finetune(student, teacher, data, FinetuneConfig(epochs=2, batches_per_epoch=3))
     assert data.drawn == 4 and report.batches == (2, 2)
 
 
@@ -252,7 +250,7 @@ def test_an_endless_stream_with_a_cap_continues_across_epochs():
         while True:
             yield torch.randn(8, 4, generator=g)
 
-    report = finetune(student, teacher, stream(), FinetuneConfig(epochs=3, batches_per_epoch=2), progress=False)
+    report = finetune(student, teacher, stream(), FinetuneConfig(epochs=3, batches_per_epoch=2))
     assert report.batches == (2, 2, 2)
 
 
@@ -271,14 +269,14 @@ def test_every_batch_format_trains():
     x, z, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g), torch.randint(0, 3, (8,), generator=g)
     for batch in ([x, y], (x, y), (x,), x, {"input": x, "label": y}, {"inputs": x, "targets": y}, {"inputs": (x,)}):
         student, teacher = pair()
-        report = finetune(student, teacher, [batch], FinetuneConfig(epochs=1), progress=False)
+        report = finetune(student, teacher, [batch], FinetuneConfig(epochs=1))
         assert report.batches == (1,), batch
     torch.manual_seed(0)
     teacher = TwoInputs()
     student = copy.deepcopy(teacher)
     with torch.no_grad():
         student.b.weight.add_(1.0)
-    finetune(student, teacher, [((x, z), y), [[x, z], y]], FinetuneConfig(epochs=1), progress=False)
+    finetune(student, teacher, [((x, z), y), [[x, z], y]], FinetuneConfig(epochs=1))
     assert not torch.equal(student.b.weight, teacher.b.weight + 1.0)
 
 
@@ -300,7 +298,7 @@ def test_split_batch():
 def test_an_unsupported_batch_says_what_it_received(batch, says):
     student, teacher = pair()
     with pytest.raises(UserError, match="train_loader yielded") as err:
-        finetune(student, teacher, [batch], FinetuneConfig(epochs=1), progress=False)
+        finetune(student, teacher, [batch], FinetuneConfig(epochs=1))
     assert says in str(err.value) and "hint: yield (inputs, targets)" in str(err.value)
 
 
@@ -308,13 +306,13 @@ def test_an_unsupported_batch_says_what_it_received(batch, says):
 def test_an_empty_loader_is_an_error():
     student, teacher = pair()
     with pytest.raises(UserError, match="train_loader yielded no batches"):
-        finetune(student, teacher, [], FinetuneConfig(epochs=1), progress=False)
+        finetune(student, teacher, [], FinetuneConfig(epochs=1))
 
 
 def test_a_one_shot_iterator_is_caught_in_epoch_two():
     student, teacher = pair()
     with pytest.raises(UserError, match=r"no batches in epoch 2 \(it yielded 4 in epoch 1\)") as err:
-        finetune(student, teacher, iter(tiny_data()), FinetuneConfig(epochs=2), progress=False)
+        finetune(student, teacher, iter(tiny_data()), FinetuneConfig(epochs=2))
     assert "one-shot iterator" in str(err.value)
 
 
@@ -329,7 +327,7 @@ def test_a_one_shot_iterator_is_caught_in_epoch_two():
 def test_evaluate_must_return_a_finite_number(value, says):
     student, teacher = pair()
     with pytest.raises(UserError, match="evaluate") as err:
-        finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=1), evaluate=lambda m: value, progress=False)
+        finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=1), evaluate=lambda m: value)
     assert says in str(err.value)
 
 
@@ -337,8 +335,7 @@ def test_evaluate_may_return_a_scalar_tensor_and_is_checked_every_epoch():
     student, teacher = pair()
     scores = iter([torch.tensor(0.5), 0.6, float("nan")])
     with pytest.raises(UserError, match="returned nan after epoch 2"):
-        finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=3), evaluate=lambda m: next(scores),
-                 progress=False)
+        finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=3), evaluate=lambda m: next(scores))
 
 
 def test_a_non_finite_loss_names_the_epoch_and_batch_and_suggests_a_lower_lr():
@@ -351,7 +348,7 @@ def test_a_non_finite_loss_names_the_epoch_and_batch_and_suggests_a_lower_lr():
 
     with pytest.raises(UserError, match="loss became nan at epoch 2, batch 3") as err:
         config = FinetuneConfig(epochs=2, lr=0.01, schedule="constant", warmup=0.0)
-        finetune(student, teacher, tiny_data(), config, loss_fn=loss_fn, progress=False)
+        finetune(student, teacher, tiny_data(), config, loss_fn=loss_fn)
     assert "(learning rate 0.01)" in str(err.value)
     assert "lower the learning rate ([finetune] lr; try 0.001)" in str(err.value)
 
@@ -382,7 +379,7 @@ def test_bad_options_are_user_errors(options, says):
 def test_sharing_parameters_with_the_teacher_is_an_error():
     student, _ = pair()
     with pytest.raises(UserError, match="shares parameters with the teacher"):
-        finetune(student, student, tiny_data(), FinetuneConfig(epochs=1), progress=False)
+        finetune(student, student, tiny_data(), FinetuneConfig(epochs=1))
 
 
 def test_the_default_loss_needs_a_logits_tensor_and_loss_fn_a_scalar():
@@ -397,12 +394,12 @@ def test_the_default_loss_needs_a_logits_tensor_and_loss_fn_a_scalar():
     torch.manual_seed(0)
     teacher = Pairs()
     with pytest.raises(UserError, match="returns a tuple, and the default loss .* needs a single logits tensor"):
-        finetune(copy.deepcopy(teacher), teacher, tiny_data(), FinetuneConfig(epochs=1), progress=False)
+        finetune(copy.deepcopy(teacher), teacher, tiny_data(), FinetuneConfig(epochs=1))
     with pytest.raises(UserError, match=r"loss_fn\(outputs, targets\) returned a tensor of shape \(8,\)"):
         finetune(copy.deepcopy(teacher), teacher, tiny_data(), FinetuneConfig(epochs=1),
-                 loss_fn=lambda out, y: F.cross_entropy(out[0], y, reduction="none"), progress=False)
+                 loss_fn=lambda out, y: F.cross_entropy(out[0], y, reduction="none"))
     finetune(copy.deepcopy(teacher), teacher, tiny_data(), FinetuneConfig(epochs=1),
-             loss_fn=lambda out, y: F.cross_entropy(out[0], y), progress=False)
+             loss_fn=lambda out, y: F.cross_entropy(out[0], y))
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -413,17 +410,20 @@ def test_nothing_is_printed(capsys):
     assert out == "" and err == ""  # stderr is not a terminal here: no bar either
 
 
-def test_the_progress_bar_goes_to_the_terminal_not_stdout(capsys, monkeypatch):
+def test_epochs_are_tasks_of_the_context_drawn_only_on_a_terminal(capsys):
     terminal = io.StringIO()
-    monkeypatch.setattr(ft, "_console", lambda: Console(file=terminal, force_terminal=True, width=100))
+    ctx = PassContext(instruments=(ProgressBars(Console(file=terminal, force_terminal=True, width=100)),))
     student, teacher = pair()
-    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=2), evaluate=lambda m: 0.5)
+    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=2), evaluate=lambda m: 0.5, ctx=ctx)
     assert capsys.readouterr().out == ""
     shown = terminal.getvalue()
     assert "epoch 1/2" in shown and "epoch 2/2 · score 0.5000" in shown and "loss " in shown
     terminal.truncate(0)
-    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=1), progress=False)
+    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=1))  # no context: nothing drawn
     assert terminal.getvalue() == ""
+    ctx = PassContext(instruments=(ProgressBars(),))
+    finetune(student, teacher, tiny_data(), FinetuneConfig(epochs=1), ctx=ctx)
+    assert capsys.readouterr() == ("", "")  # stderr is not a terminal here: no bar
 
 
 # -- the loss ------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_recovered_artifact_is_the_predicted_size_and_structure():
     net = _net()
     g = compressc.trace(net, (X,))
     prepared = prepare(g, PLAN)
-    module, report = recover(g, prepared, _data(), Finetune(epochs=2), progress=False)
+    module, report = recover(g, prepared, _data(), Finetune(epochs=2))
     assert [s.name for s in report.stages] == ["float", "quantization-aware"]
     assert list(dict(module.named_parameters())) == list(dict(prepared.module.named_parameters()))
     compact = finalize(prepared, module)
@@ -73,7 +73,7 @@ def test_original_model_is_untouched_by_recovery():
     net = _net()
     before = copy.deepcopy(net.state_dict())
     g = compressc.trace(net, (X,))
-    recover(g, prepare(g, PLAN), _data(), Finetune(epochs=2), progress=False)
+    recover(g, prepare(g, PLAN), _data(), Finetune(epochs=2))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()) and not net.training
 
 
@@ -84,8 +84,7 @@ def test_recovery_improves_a_damaged_plan_and_keeps_the_best_score():
     g = compressc.trace(net, (X,))
     prepared = prepare(g, PLAN)
     start = evaluate(finalize(prepared, recover(g, prepared, data, Finetune(epochs=0))[0]).module)
-    module, report = recover(g, prepared, [b[0] for b in data], Finetune(epochs=6, lr=3e-3), evaluate=evaluate,
-                             progress=False)
+    module, report = recover(g, prepared, [b[0] for b in data], Finetune(epochs=6, lr=3e-3), evaluate=evaluate)
     final = evaluate(finalize(prepared, module).module)
     assert final > start / 2, (start, final)  # measured: -0.30 -> -0.03
     # the QAT stage's eval-mode student (BatchNorm live, folding simulated) is the folded, quantized model
@@ -136,7 +135,7 @@ def test_recalibration_without_epochs_matches_the_pruned_statistics():
     data = _data(4)
     g = compressc.trace(net, (X,))
     plan = Plan(channels={0: (0, 1, 2)})
-    module, report = recover(g, prepare(g, plan), data, Finetune(epochs=0), progress=False)
+    module, report = recover(g, prepare(g, plan), data, Finetune(epochs=0))
     assert report.recalibration_batches == 4 and report.stages == ()
     pruned = compressc.prune_channels(g, plan.channels)
     recalibrate_batchnorm(pruned, data)
@@ -162,5 +161,5 @@ def test_the_identity_plan_comes_back_unchanged():
     net = _net()
     g = compressc.trace(net, (X,))
     prepared = prepare(g, Plan())
-    module, report = recover(g, prepared, _data(), Finetune(epochs=2), progress=False)
+    module, report = recover(g, prepared, _data(), Finetune(epochs=2))
     assert report.stages == () and torch.equal(module(X), net(X))

@@ -92,7 +92,7 @@ def test_scoring_is_what_ships_and_fine_tuning_steps_help():
     scorer = Scorer(workload)
     plan = _plans()[2]
     prepared = prepare(scorer.graph, plan)
-    trained, report = recover(scorer.graph, prepared, None, Finetune(), calibration=workload.bn_batches(), progress=False)
+    trained, report = recover(scorer.graph, prepared, None, Finetune(), calibration=workload.bn_batches())
     assert report.recalibration_batches == 2
     assert scorer.score(plan, 0, 0) == sm.evaluate(finalize(prepared, trained).module)
     tuned = [scorer.score(plan, 8, seed) for seed in (1, 1, 2)]

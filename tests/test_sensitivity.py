@@ -18,6 +18,7 @@ from torch import nn
 
 import compressc
 from compressc.errors import UserError
+from compressc.pass_context import PassContext, ProgressBars
 from compressc.search import sensitivity as sens
 from compressc.passes.analysis.importance import get_criterion
 from compressc.search.sensitivity import (
@@ -77,7 +78,7 @@ def leaves(module, inputs):
 def test_option_zero_is_free_and_curves_are_monotone(tmp_path):
     _, g, ranking = conv_bn()
     knobs = conv_knobs(ranking)
-    out = measure_sensitivity(g, knobs, ranking, cache_dir=tmp_path, progress=False)
+    out = measure_sensitivity(g, knobs, ranking, cache_dir=tmp_path)
     assert [(k.key, k.kind, k.target, k.options) for k in out] == [(k.key, k.kind, k.target, k.options) for k in knobs]
     for k in out:
         assert k.distortion[0] == 0.0
@@ -93,7 +94,7 @@ def test_each_option_is_measured_on_the_module_lower_builds(tmp_path, kind):
     _, g, ranking = conv_bn()
     inputs = default_calibration_inputs(g.example_inputs)
     knobs = conv_knobs(ranking)
-    out = measure_sensitivity(g, knobs, ranking, sparsity_kind=kind, cache_dir=False, progress=False)
+    out = measure_sensitivity(g, knobs, ranking, sparsity_kind=kind, cache_dir=False)
     reference = leaves(fold_batchnorm(g.module).eval(), inputs)
     for k in out:
         raw = []
@@ -113,7 +114,7 @@ def test_more_compression_distorts_more_on_a_linear_model():
     _, g = mlp()
     bits, sparse = measure_sensitivity(
         g, [knob("bits", "0.weight", (32, 8, 4, 2)), knob("sparsity", "2.weight", (0.0, 0.1, 0.5, 0.9))], {},
-        cache_dir=False, progress=False,
+        cache_dir=False,
     )
     assert 0 < bits.distortion[1] < bits.distortion[2] < bits.distortion[3]
     assert bits.distortion[3] > 100 * bits.distortion[1]  # 2 bits vs 8 bits: orders of magnitude apart
@@ -141,7 +142,7 @@ def test_curves_are_monotone_and_start_at_zero(hidden, seed, bits, levels, keep)
              knob("sparsity", "2.weight", (0.0, *sorted(levels))),
              knob("keep", group.id, (hidden, *sorted(counts, reverse=True)))]
     ranking = {group.id: tuple(np.random.default_rng(seed).permutation(hidden).tolist())}
-    for k in measure_sensitivity(g, knobs, ranking, cache_dir=False, progress=False):
+    for k in measure_sensitivity(g, knobs, ranking, cache_dir=False):
         assert k.distortion[0] == 0.0 and np.all(np.diff(k.distortion) >= 0)
 
 
@@ -166,7 +167,7 @@ def test_evaluate_path_scores_the_accuracy_drop_plus_a_small_tie_breaker():
     ranking = {group.id: tuple(range(16))}
     knobs = [knob("keep", group.id, (16, 12, 8, 4, 1)), knob("bits", "0.weight", (32, 8, 3, 1))]
     evaluate = Counting(net)
-    out = measure_sensitivity(g, knobs, ranking, evaluate=evaluate, cache_dir=False, progress=False)
+    out = measure_sensitivity(g, knobs, ranking, evaluate=evaluate, cache_dir=False)
     assert evaluate.calls == 1 + 4 + 3  # the base model, then each option once
     inputs = default_calibration_inputs(g.example_inputs)
     reference = leaves(g.module, inputs)
@@ -189,7 +190,7 @@ def test_noisy_scores_are_made_monotone():
     scores = iter([0.9, 0.5, 0.8, 0.6, 0.95])  # base, then options 1..4 in order: drops .4 .1 .3 0
 
     out = measure_sensitivity(g, [knob("bits", "0.weight", (32, 8, 6, 4, 2))], {},
-                              evaluate=lambda m: next(scores), cache_dir=False, progress=False)
+                              evaluate=lambda m: next(scores), cache_dir=False)
     d = out[0].distortion
     assert d[0] == 0 and d[1] == pytest.approx(0.4, abs=TIE_BREAK) and d[1] == d[2] == d[3]
     assert d[4] >= d[3] and d[4] < 0.4 + TIE_BREAK
@@ -201,16 +202,16 @@ def test_an_evaluate_that_returns_a_non_finite_or_non_number_is_a_user_error(bad
     values = iter([0.9, bad])
     with pytest.raises(UserError, match=r"evaluate\(model\) returned .*bits:0.weight.*option 4"):
         measure_sensitivity(g, [knob("bits", "0.weight", (32, 4))], {}, evaluate=lambda m: next(values),
-                            cache_dir=False, progress=False)
+                            cache_dir=False)
     with pytest.raises(UserError, match="uncompressed model"):
         measure_sensitivity(g, [knob("bits", "0.weight", (32, 4))], {}, evaluate=lambda m: bad,
-                            cache_dir=False, progress=False)
+                            cache_dir=False)
 
 
 def test_a_scalar_tensor_score_is_accepted():
     _, g = mlp()
     out = measure_sensitivity(g, [knob("bits", "0.weight", (32, 4))], {}, evaluate=lambda m: torch.tensor(0.5),
-                              cache_dir=False, progress=False)
+                              cache_dir=False)
     assert 0 < out[0].distortion[1] < TIE_BREAK
 
 
@@ -221,9 +222,9 @@ def test_a_second_call_is_answered_by_the_cache(tmp_path):
     ranking = {group.id: tuple(range(32))}
     knobs = [knob("keep", group.id, (32, 16, 4)), knob("bits", "2.weight", (32, 8, 2))]
     evaluate = Counting(net)
-    first = measure_sensitivity(g, knobs, ranking, evaluate=evaluate, cache_dir=tmp_path, progress=False)
+    first = measure_sensitivity(g, knobs, ranking, evaluate=evaluate, cache_dir=tmp_path)
     assert evaluate.calls == 5
-    assert measure_sensitivity(g, knobs, ranking, evaluate=evaluate, cache_dir=tmp_path, progress=False) == first
+    assert measure_sensitivity(g, knobs, ranking, evaluate=evaluate, cache_dir=tmp_path) == first
     assert evaluate.calls == 5  # not called at all
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".json"  # no temporary files left behind
@@ -231,13 +232,12 @@ def test_a_second_call_is_answered_by_the_cache(tmp_path):
     # new knob options are measured, the rest (and the base score) come from the cache
     more = [knob("keep", group.id, (32, 16, 8, 4)), knob("bits", "2.weight", (32, 8, 2)),
             knob("bits", "0.weight", (32, 4))]
-    again = measure_sensitivity(g, more, ranking, evaluate=evaluate, cache_dir=tmp_path, progress=False)
+    again = measure_sensitivity(g, more, ranking, evaluate=evaluate, cache_dir=tmp_path)
     assert evaluate.calls == 5 + 2
     assert again[1] == first[1] and again[0].distortion[1] == first[0].distortion[1]
 
     # a different ranking keeps other units: those two options are measured again (the base is cached)
-    measure_sensitivity(g, knobs, {group.id: tuple(range(31, -1, -1))}, evaluate=evaluate, cache_dir=tmp_path,
-                        progress=False)
+    measure_sensitivity(g, knobs, {group.id: tuple(range(31, -1, -1))}, evaluate=evaluate, cache_dir=tmp_path)
     assert evaluate.calls == 7 + 2
 
 
@@ -245,7 +245,7 @@ def test_the_cache_key_covers_model_inputs_scheme_and_evaluate(tmp_path):
     net, g = mlp()
     knobs = [knob("bits", "0.weight", (32, 4))]
     evaluate = Counting(net)
-    run = lambda graph, **kw: measure_sensitivity(graph, knobs, {}, cache_dir=tmp_path, progress=False, **kw)  # noqa: E731
+    run = lambda graph, **kw: measure_sensitivity(graph, knobs, {}, cache_dir=tmp_path, **kw)  # noqa: E731
     proxy = run(g)
     assert run(g, evaluate=evaluate) != proxy and evaluate.calls == 2  # evaluate or not: different entries
     run(g, evaluate=evaluate, scheme="asymmetric")
@@ -264,24 +264,24 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(tmp_path):
     net, g = mlp()
     knobs = [knob("bits", "0.weight", (32, 8, 2))]
     evaluate = Counting(net)
-    first = measure_sensitivity(g, knobs, {}, evaluate=evaluate, cache_dir=tmp_path, progress=False)
+    first = measure_sensitivity(g, knobs, {}, evaluate=evaluate, cache_dir=tmp_path)
     (path,) = tmp_path.iterdir()
     for garbage in ["{not json", json.dumps({"version": 1, "points": []}), json.dumps([1, 2]), ""]:
         path.write_text(garbage)
         calls = evaluate.calls
-        assert measure_sensitivity(g, knobs, {}, evaluate=evaluate, cache_dir=tmp_path, progress=False) == first
+        assert measure_sensitivity(g, knobs, {}, evaluate=evaluate, cache_dir=tmp_path) == first
         assert evaluate.calls == calls + 3
         json.loads(path.read_text())  # valid again
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, "base_score": None}))  # without the base score no drop can be computed
     calls = evaluate.calls
-    assert measure_sensitivity(g, knobs, {}, evaluate=evaluate, cache_dir=tmp_path, progress=False) == first
+    assert measure_sensitivity(g, knobs, {}, evaluate=evaluate, cache_dir=tmp_path) == first
     assert evaluate.calls == calls + 3
     for entry in data["points"].values():
         entry["score"] = "NaN"  # an entry that fails validation is measured again
     path.write_text(json.dumps(data))
     calls = evaluate.calls
-    assert measure_sensitivity(g, knobs, {}, evaluate=evaluate, cache_dir=tmp_path, progress=False) == first
+    assert measure_sensitivity(g, knobs, {}, evaluate=evaluate, cache_dir=tmp_path) == first
     assert evaluate.calls == calls + 2
 
 
@@ -290,15 +290,14 @@ def test_an_unwritable_cache_warns_and_still_measures(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.warns(UserWarning, match="could not write the sensitivity cache"):
-        out = measure_sensitivity(g, [knob("bits", "0.weight", (32, 4))], {}, cache_dir=blocker / "sub",
-                                  progress=False)
+        out = measure_sensitivity(g, [knob("bits", "0.weight", (32, 4))], {}, cache_dir=blocker / "sub")
     assert out[0].distortion[1] > 0
 
 
 def test_the_default_cache_lives_under_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     _, g = mlp()
-    measure_sensitivity(g, [knob("bits", "0.weight", (32, 4))], {}, progress=False)
+    measure_sensitivity(g, [knob("bits", "0.weight", (32, 4))], {})
     (path,) = (tmp_path / "compressc" / "sensitivity").iterdir()
     data = json.loads(path.read_text())
     assert data["context"]["model"] == sens.model_hash(g) and data["context"]["evaluate"] is None
@@ -318,7 +317,7 @@ def test_neither_the_model_nor_the_graph_is_modified(tmp_path):
         seen.append(model)
         return 0.5
 
-    measure_sensitivity(g, conv_knobs(ranking), ranking, evaluate=evaluate, cache_dir=tmp_path, progress=False)
+    measure_sensitivity(g, conv_knobs(ranking), ranking, evaluate=evaluate, cache_dir=tmp_path)
     assert all(m is not g.module and m is not net for m in seen)
     assert g.module.code == code and [m.training for m in g.module.modules()] == modes and net.training
     after = net.state_dict()
@@ -356,7 +355,7 @@ def test_bad_knobs_are_refused():
         measure_sensitivity(g, [knob("bits", "0.bias", (32, 8))], {}, cache_dir=False)
     with pytest.raises(PlanError, match="0.weight: kernel-wise sparsity needs a conv weight"):
         measure_sensitivity(g, [knob("sparsity", "0.weight", (0.0, 0.5))], {}, sparsity_kind="kernel",
-                            cache_dir=False, progress=False)
+                            cache_dir=False)
 
 
 def test_single_option_knobs_cost_nothing():
@@ -366,19 +365,24 @@ def test_single_option_knobs_cost_nothing():
     assert out[0].distortion == (0.0,) and calls == []
 
 
-def test_the_progress_bar_goes_to_the_terminal_not_stdout(capsys, monkeypatch, tmp_path):
+def test_progress_goes_to_the_context_and_bars_only_to_a_terminal(capsys, tmp_path):
+    """The measurement reports a task through its context and draws nothing itself; ``ProgressBars``
+    draws it on a terminal only, never on stdout."""
     _, g = mlp()
     knobs = [knob("bits", "0.weight", (32, 8, 4))]
-    measure_sensitivity(g, knobs, {}, cache_dir=False)
+    measure_sensitivity(g, knobs, {}, cache_dir=False, ctx=PassContext(instruments=(ProgressBars(),)))
     assert capsys.readouterr() == ("", "")  # stderr is not a terminal here: no bar
     terminal = io.StringIO()
-    monkeypatch.setattr(sens, "_console", lambda: Console(file=terminal, force_terminal=True, width=120))
-    measure_sensitivity(g, knobs, {}, cache_dir=False)
+    tasks = []
+    record = type("Record", (), {"task_finished": lambda self, t: tasks.append((t.description, t.completed, t.total))})()
+    ctx = PassContext(instruments=(ProgressBars(Console(file=terminal, force_terminal=True, width=120)), record))
+    measure_sensitivity(g, knobs, {}, cache_dir=False, ctx=ctx)
     assert capsys.readouterr().out == ""
     assert "sensitivity" in terminal.getvalue() and "2/2" in terminal.getvalue()
+    assert tasks == [("sensitivity", 2, 2)]
     terminal.truncate(0)
-    measure_sensitivity(g, knobs, {}, cache_dir=False, progress=False)
-    assert terminal.getvalue() == ""
+    measure_sensitivity(g, knobs, {}, cache_dir=False)  # no context: reported nowhere
+    assert terminal.getvalue() == "" and tasks == [("sensitivity", 2, 2)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         measure_sensitivity(g, knobs, {}, cache_dir=tmp_path)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from compressc.ir import Graph
+from compressc.pass_context import PassContext
 from compressc.passes.analysis.channel_groups import ChannelGroup, analyze_channels
 from compressc.passes.analysis.channel_plan import predict_cost
 from compressc.passes.analysis.importance import get_criterion
@@ -256,11 +257,12 @@ def build_problem(
     calibration_inputs: list[tuple] | None = None,
     data: Any = None,
     cache_dir=None,
-    progress: bool = False,
     extension: Extension | None = None,
+    ctx: PassContext | None = None,
 ) -> Problem:
     """The compression problem of ``graph`` under ``spec`` (sensitivities measured, then cached), on
-    the spec's grids or those ``extension`` (from :func:`extend_actions`) widens."""
+    the spec's grids or those ``extension`` (from :func:`extend_actions`) widens; the measurement's
+    progress goes to ``ctx``."""
     from compressc.search.sensitivity import measure_sensitivity
 
     extension = extension or Extension(False, spec.actions.sparsity)
@@ -269,6 +271,6 @@ def build_problem(
     knobs, ranking = _knobs(graph, spec, sparsity, data, extension.keep, extension.one_bit)
     knobs = list(measure_sensitivity(
         graph, knobs, ranking, scheme=spec.actions.quant_scheme, sparsity_kind=kind, evaluate=evaluate,
-        calibration_inputs=calibration_inputs, cache_dir=cache_dir, progress=progress,
+        calibration_inputs=calibration_inputs, cache_dir=cache_dir, ctx=ctx,
     ))
     return _problem(graph, spec, knobs, ranking, kind)

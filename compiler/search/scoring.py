@@ -174,7 +174,7 @@ def recovered_score(graph, plan: Plan, train_loader: Iterable | None, recipe: Fi
     if not (plan.channels or plan.layers or plan.removed):  # the identity: nothing folded, nothing to recover
         return score(prepared.module.to(device).eval())
     trained, _ = recover(graph, prepared, train_loader, recipe, device=device, seed=seed, loss_fn=loss_fn,
-                         calibration=calibration, progress=False)
+                         calibration=calibration)
     return score(finalize(prepared, trained).module.to(device).eval())
 
 

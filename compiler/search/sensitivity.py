@@ -16,7 +16,7 @@ docs/sensitivity.md has the details.
 >>> g = compressc.trace(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
 ...                     (torch.randn(8, 16),))
 >>> knob = Knob("bits:0.weight", "bits", "0.weight", (32, 8, 2), (0.0, 0.0, 0.0))
->>> (measured,) = measure_sensitivity(g, [knob], {}, cache_dir=False, progress=False)
+>>> (measured,) = measure_sensitivity(g, [knob], {}, cache_dir=False)
 >>> measured.distortion[0], 0 < measured.distortion[1] < 1e-3 < measured.distortion[2]
 (0.0, True)
 """
@@ -38,12 +38,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils._pytree import tree_leaves
 
 from compressc.evaluation import checked_score
 from compressc.ir import Graph
+from compressc.pass_context import PassContext
 from compressc.passes.analysis.removable_blocks import removable_blocks
 from compressc.passes.lowering.compact import PlanError, prepare, quant_spec
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
@@ -338,11 +337,6 @@ def _check(graph: Graph, knobs: Sequence[Knob], ranking: dict[int, tuple[int, ..
                             f"got shape {tuple(params[str(knob.target)].shape)}")
 
 
-def _console() -> Console:
-    """Where the progress bar goes (stderr); tests swap it for a terminal that writes to a buffer."""
-    return Console(stderr=True)
-
-
 def _loss(entry: dict, base: float | None) -> float:
     proxy = float(entry["proxy"])
     if base is None:
@@ -360,7 +354,7 @@ def measure_sensitivity(
     evaluate: Callable[[nn.Module], float] | None = None,
     calibration_inputs: Iterable[Inputs] | None = None,
     cache_dir: str | os.PathLike | None | bool = None,
-    progress: bool = True,
+    ctx: PassContext | None = None,
 ) -> tuple[Knob, ...]:
     """The knobs with their measured sensitivity curves as ``distortion`` (same order, keys, options).
 
@@ -378,7 +372,8 @@ def measure_sensitivity(
     calibration_inputs : input tuples (batches) for the proxy; default ``graph.example_inputs`` and
         three seeded random tuples like it (``default_calibration_inputs``).
     cache_dir : where measurements are cached (default ``default_cache_dir()``); ``False``: no cache.
-    progress : a rich progress bar on stderr (only when stderr is a terminal), one step per option measured.
+    ctx : where progress goes: a ``sensitivity`` task, one step per option measured (its instruments
+        draw it, e.g. ``ProgressBars``); None: nowhere.
 
     Raises
     ------
@@ -413,7 +408,7 @@ def measure_sensitivity(
     todo = {key: ji for ji, key in keys.items() if key not in cache.points}  # a key shared by two knobs: once
     if todo:
         meter = _Meter(graph, inputs, evaluate, scheme, sparsity_kind)
-        _measure(meter, cache, todo, knobs, ranking, progress)
+        _measure(meter, cache, todo, knobs, ranking, ctx or PassContext())
 
     out = []
     for j, knob in enumerate(knobs):
@@ -425,24 +420,19 @@ def measure_sensitivity(
 
 
 def _measure(meter: _Meter, cache: _Cache, todo: dict[str, tuple[int, int]], knobs: tuple[Knob, ...],
-             ranking: dict[int, tuple[int, ...]], progress: bool) -> None:
-    console = _console()
-    bar = Progress(TextColumn("sensitivity"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[knob]}"),
-                   TimeElapsedColumn(), console=console, disable=not (progress and console.is_terminal),
-                   redirect_stdout=False, redirect_stderr=False)
+             ranking: dict[int, tuple[int, ...]], ctx: PassContext) -> None:
     last_save = time.monotonic()
     try:
-        with bar:
-            task = bar.add_task("sensitivity", total=len(todo), knob="")
+        with ctx.task("sensitivity", total=len(todo)) as task:
             if meter.evaluate is not None and cache.base_score is None:
                 cache.base_score = meter.score(meter.reference, "for the uncompressed model")
                 cache.dirty = True
             for key, (j, i) in todo.items():
                 knob = knobs[j]
-                bar.update(task, knob=f"{knob.key} = {knob.options[i]}")
+                task.update(detail=f"{knob.key} = {knob.options[i]}")
                 cache.points[key] = meter.measure(knob, knob.options[i], ranking)
                 cache.dirty = True
-                bar.advance(task)
+                task.advance()
                 if time.monotonic() - last_save > _SAVE_EVERY_S:  # an interrupted run keeps what it measured
                     cache.save()
                     last_save = time.monotonic()
