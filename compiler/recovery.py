@@ -204,7 +204,7 @@ def recover(
     """
     ctx = ctx or PassContext()
     plan = prepared.plan
-    if not (plan.channels or plan.layers):  # the identity plan: prepare() kept the module as it is
+    if not (plan.channels or plan.layers or plan.removed):  # the identity plan: prepare() kept the module as it is
         return copy.deepcopy(prepared.module), RecoveryReport(())
     teacher = graph.module
     base, channels = removed_view(graph, plan.removed, plan.channels)  # remove blocks first, then prune

@@ -163,3 +163,14 @@ def test_the_identity_plan_comes_back_unchanged():
     prepared = prepare(g, Plan())
     module, report = recover(g, prepared, _data(), Finetune(epochs=2))
     assert report.stages == () and torch.equal(module(X), net(X))
+
+
+def test_a_plan_that_only_removes_blocks_is_recovered():
+    """Removing a block is not the identity: with epochs, the student without the block is fine-tuned."""
+    net = _net()
+    g = compressc.trace(net, (X,))
+    prepared = prepare(g, Plan(removed=("3",)))
+    module, report = recover(g, prepared, _data(), Finetune(epochs=2))
+    assert sum(s.epochs for s in report.stages) == 2 and all(s.finetune.batches for s in report.stages)
+    assert "3" not in dict(module.named_children())
+    assert not torch.allclose(module(X), prepared.module(X))  # trained: it moved off the removed model
