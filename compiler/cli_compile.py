@@ -165,4 +165,8 @@ def _print_summary(report: dict, info) -> None:
         for bid, b in report["plan_summary"]["removed"].items():
             removed.add_row(bid, b["kind"], format_count(b["params"]))
         console.print(removed)
+    elif "removable" in report["plan_summary"]:  # removal was allowed, and the solver kept every block
+        removable = report["plan_summary"]["removable"]
+        console.print(f"blocks removed: none (removable: {', '.join(removable) or 'none'})", markup=False,
+                      highlight=False)
     console.print(f"wrote {info.directory} (report.json has the full plan); load it with compressc.load({str(info.directory)!r})")

@@ -131,7 +131,9 @@ def _evaluator(model, example_inputs, spec: Spec, *, evaluate, loss_fn, calibrat
                      budget=SearchBudget(s.max_evaluations, s.time_limit) if bounded else SearchBudget(), seed=spec.seed)
 
 
-def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph) -> dict[str, Any]:
+def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph, removal: bool = False) -> dict[str, Any]:
+    """Channels kept per group, settings per layer, the blocks removed and, when ``removal`` was
+    allowed, the blocks that could have gone (``removable``)."""
     from compressc.passes.analysis.channel_groups import analyze_channels
     from compressc.passes.analysis.removable_blocks import removable_blocks
 
@@ -142,9 +144,12 @@ def _plan_summary(plan: Plan, problem: Problem | None, graph: Graph) -> dict[str
         channels[str(gid)] = {"kept": len(kept), "of": groups[gid].size, "modules": modules}
     layers = {name: {"bits": s.bits, "scheme": s.scheme, "sparsity": s.sparsity, "sparsity_kind": s.sparsity_kind}
               for name, s in plan.layers.items()}
-    blocks = {b.id: b for b in removable_blocks(graph)} if plan.removed else {}
+    blocks = {b.id: b for b in removable_blocks(graph)} if plan.removed or removal else {}
     removed = {bid: {"kind": blocks[bid].kind, "params": blocks[bid].params} for bid in plan.removed}
-    return {"channels": channels, "layers": layers, "removed": removed}
+    out = {"channels": channels, "layers": layers, "removed": removed}
+    if removal:
+        out["removable"] = {bid: {"kind": b.kind, "params": b.params} for bid, b in blocks.items()}
+    return out
 
 
 def compile(
@@ -268,7 +273,7 @@ def compile(
     statistics = getattr(solver_impl, "statistics", None)
     report = report.replace(
         plan=plan.to_dict(),
-        plan_summary=_plan_summary(plan, problem, graph),
+        plan_summary=_plan_summary(plan, problem, graph, spec.actions.remove_layers),
         predicted_bytes=problem.bytes_of(plan),
         weights_bytes=measured,
         compressed=ModelStats(params=after.params, macs=after.macs, flops=after.flops, accuracy=accuracy_after),

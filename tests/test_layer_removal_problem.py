@@ -6,6 +6,7 @@ sensitivity pass measures few modules; the full default spec on both ResNets is 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -204,3 +205,20 @@ def test_prune_false_rules_keep_the_blocks_they_cover(tmp_path, rules, pinned):
 def _write(path, text: str):
     path.write_text(text)
     return path
+
+
+def test_cli_says_when_removal_was_allowed_and_no_block_went(tmp_path):
+    from click.testing import CliRunner
+
+    from compressc.cli import main
+
+    (tmp_path / "net.py").write_text(RESIDUAL_MODEL)
+    (tmp_path / "spec.toml").write_text('[actions]\nbits = [4]\nkeep_ratios = [0.5]\nauto_extend = false\n')
+    args = [str(tmp_path / "net.py"), "--target-size", "50%", "--spec", str(tmp_path / "spec.toml"), "--solver",
+            "uniform", "--allow-layer-removal", "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, args, prog_name="compressc")
+    assert result.exit_code == 0, result.output
+    assert "blocks removed: none (removable: 1.conv1, 1.conv2, 1, 2.conv1, 2.conv2, 2)" in result.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["plan"]["removed"] == [] and set(report["plan_summary"]["removable"]) == {
+        "1", "1.conv1", "1.conv2", "2", "2.conv1", "2.conv2"}
