@@ -36,6 +36,7 @@ from compressc.console import format_bytes, format_count, status
 from compressc.errors import UserError
 from compressc.frontends.loader import ModelFile, load_model_file
 from compressc.ir import Graph, NodeKind
+from compressc.spec import FRONTENDS
 
 __all__ = ["main", "DefaultCommandGroup"]
 
@@ -144,7 +145,9 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print every node, its costs, the totals and the opaque leaves as JSON (nothing else on stdout).")
 @click.option("--all", "show_all", is_flag=True, help="Also list input, output, getitem and shape nodes.")
-def inspect_command(model_file: Path, as_json: bool, show_all: bool) -> None:
+@click.option("--frontend", type=click.Choice(FRONTENDS), default="auto", show_default=True,
+              help="How the model becomes a graph: fx, export (torch.export), or auto (fx, else export).")
+def inspect_command(model_file: Path, as_json: bool, show_all: bool, frontend: str) -> None:
     """Trace MODEL.py and print each layer's kind, shapes, parameters and MACs."""
     from compressc import trace
 
@@ -153,7 +156,7 @@ def inspect_command(model_file: Path, as_json: bool, show_all: bool) -> None:
         with status(f"loading {model_file}"):
             loaded = load_model_file(model_file)
         with status("tracing"):
-            graph = trace(loaded.module, loaded.example_inputs)
+            graph = trace(loaded.module, loaded.example_inputs, frontend=frontend)
     _check_params(graph, loaded)
     if as_json:
         click.echo(json.dumps(_inspect_json(loaded, graph), indent=2))

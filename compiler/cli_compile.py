@@ -22,7 +22,7 @@ from compressc.errors import UserError
 from compressc.frontends.loader import load_model_file
 from compressc.pass_context import DumpIR, Log, ProgressBars
 from compressc.solvers.base import get_solver
-from compressc.spec import Spec
+from compressc.spec import FRONTENDS, Spec
 
 __all__ = ["compile_command", "default_output_dir"]
 
@@ -58,11 +58,13 @@ def default_output_dir(model_file: Path) -> Path:
               help="Draw what the solver recorded (ga: Pareto front; drl, n2n: learning curves) to this PNG/SVG/PDF.")
 @click.option("--dump-ir", type=click.Path(path_type=Path),
               help="Write the traced and the compact graph's code to DIR/NN-phase.py.")
+@click.option("--frontend", type=click.Choice(FRONTENDS),
+              help="How the model becomes a graph: fx, export (torch.export: Hugging Face models) [auto: fx, else export].")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
                     finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, max_evaluations,
-                    time_limit, executor, workers, ray_address, devices, plot_path, dump_ir: Path | None,
+                    time_limit, executor, workers, ray_address, devices, plot_path, dump_ir: Path | None, frontend,
                     as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
     import torch
@@ -71,7 +73,7 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
 
     spec = Spec.from_toml(spec_file) if spec_file is not None else Spec()
     overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
-                 "solver": solver, "seed": seed, "device": device,
+                 "solver": solver, "seed": seed, "device": device, "frontend": frontend,
                  "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None,
                  "actions": {"remove_layers": True} if allow_layer_removal else None,
                  "search": {"max_evaluations": max_evaluations, "time_limit": time_limit, "executor": executor,

@@ -124,7 +124,8 @@ def _evaluator(model, example_inputs, spec: Spec, *, evaluate, loss_fn, calibrat
     (``bounded=False``: no evaluation or time limit, for the accuracy-target bisection)."""
     workload = Workload.in_memory(
         model, example_inputs, evaluate=evaluate, loss_fn=loss_fn, calibration=calibration_loader,
-        train_loader=train_loader, model_file=model_file, recipe=spec.finetune)
+        train_loader=train_loader, model_file=model_file, recipe=spec.finetune,
+        frontend=spec.frontend)
     s = spec.search
     devices = list(s.devices) or [spec.device] * s.worker_count
     return Evaluator(workload, executor=s.executor, workers=s.worker_count, devices=devices, address=s.ray_address,
@@ -179,6 +180,7 @@ def compile(
     executor: str | None = None,
     workers: int | None = None,
     model_file=None,
+    frontend: str | None = None,
 ) -> CompileResult:
     """Compress ``model`` to the targets and return the compact model with its report.
 
@@ -191,7 +193,8 @@ def compile(
     ``SpecError`` / ``SizeError`` for bad values. ``solver`` is a registry name or a solver instance
     (``RandomSolver(samples=64)``); ``max_evaluations``, ``time_limit``, ``executor`` and ``workers``
     override the spec's ``[search]`` table; ``model_file``: the file ``model`` came from, so that worker
-    processes rebuild it from there.
+    processes rebuild it from there; ``frontend``: ``auto`` (default), ``fx`` or ``export``, how the model is
+    traced (``compressc.trace``).
 
     Its phases (trace, evaluate, sensitivity, solve, candidates, lower, recovery, finalize) run in a
     ``PassContext`` whose instruments time them (``report["timings"]``), show progress bars on stderr
@@ -205,6 +208,7 @@ def compile(
     search = {"max_evaluations": max_evaluations, "time_limit": time_limit, "executor": executor, "workers": workers}
     overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
                  "solver": solver if solver_object is None else type(solver_object).name, "seed": seed, "device": device,
+                 "frontend": frontend,
                  "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None,
                  "actions": {"remove_layers": allow_layer_removal} if allow_layer_removal is not None else None,
                  "search": {k: v for k, v in search.items() if v is not None} or None}
@@ -222,7 +226,7 @@ def compile(
     torch.manual_seed(spec.seed)
     model = copy.deepcopy(model).eval()  # the caller's model keeps its modes, tensors and tree (invariant 6)
     with ctx.phase("trace") as phase:
-        graph = phase.graph = trace(model, tuple(example_inputs))
+        graph = phase.graph = trace(model, tuple(example_inputs), frontend=spec.frontend)
     totals = graph.totals()
     original_bytes = predict_bytes(graph, Plan())
     budget = Budget(bytes=spec.target_bytes(totals.weight_bytes), flops=spec.target_flops_value(totals.flops))

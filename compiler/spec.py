@@ -30,12 +30,14 @@ from compressc.units import DurationError, SizeError, parse_duration, parse_size
 from compressc.units import parse_flops as units_parse_flops
 
 __all__ = ["Spec", "Actions", "Finetune", "Search", "LayerRule", "ResolvedRule", "SpecError", "parse_flops",
-           "ALLOWED_BITS", "SPARSITY_KINDS", "QUANT_SCHEMES", "DEVICES"]
+           "ALLOWED_BITS", "SPARSITY_KINDS", "QUANT_SCHEMES", "DEVICES", "FRONTENDS"]
 
 ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 SPARSITY_KINDS = ("unstructured", "kernel")
 QUANT_SCHEMES = ("symmetric", "asymmetric", "codebook")
 DEVICES = ("cpu", "cuda")
+#: How the model becomes a graph: torch.fx, torch.export, or fx with export where fx cannot trace the root.
+FRONTENDS = ("auto", "fx", "export")
 EXECUTORS = ("serial", "processes", "ray")
 MAX_SEED = 2**32 - 1
 _ANY_REFERENCE = 10**18  # checks the syntax of a relative target without knowing the original
@@ -486,6 +488,7 @@ class Spec:
     device: Literal["cpu", "cuda"] = "cpu"
     solver: str = "convex"
     importance: str = "l1"
+    frontend: str = "auto"
     solver_options: dict[str, Any] = field(default_factory=dict, hash=False)
     actions: Actions = field(default_factory=Actions)
     finetune: Finetune = field(default_factory=Finetune)
@@ -501,6 +504,7 @@ class Spec:
         "device": lambda v, k: _choice(v, k, DEVICES, "a device"),
         "solver": _name,
         "importance": _name,
+        "frontend": lambda v, k: _choice(v, k, FRONTENDS, "a frontend"),
         "solver_options": lambda v, k: _options(v, k) if isinstance(v, Mapping) else _raise(_expected(v, k, "a table")),
         "actions": lambda v, k: v if isinstance(v, Actions) else _raise(_expected(v, k, "an Actions")),
         "finetune": lambda v, k: v if isinstance(v, Finetune) else _raise(_expected(v, k, "a Finetune")),
@@ -591,7 +595,7 @@ class Spec:
 
         return {
             **table(self, ("target_size", "target_flops", "max_accuracy_drop", "seed", "device", "solver",
-                           "importance")),
+                           "importance", "frontend")),
             "solver_options": copy.deepcopy(self.solver_options),
             "actions": table(self.actions, tuple(Actions._checks)),
             "finetune": table(self.finetune, tuple(Finetune._checks)),

@@ -32,8 +32,9 @@ from compressc.errors import TraceError
 from compressc.perf import gc_paused
 from compressc.ir import META_INFO, META_OPAQUE_FLOPS, META_VALUE, Graph, LeafReport, NodeInfo, NodeKind, TensorMeta
 from compressc.frontends.node_kinds import classify
+from compressc.spec import FRONTENDS
 
-__all__ = ["trace", "LeafTracer"]
+__all__ = ["trace", "LeafTracer", "describe_failure"]
 
 _MAX_LEAF_ROUNDS = 200
 
@@ -46,6 +47,10 @@ class _TraceFailure(Exception):
         self.module_path = module_path
         self.module_type = module_type
         self.cause = cause
+
+
+class _RootFailure(TraceError):
+    """Internal: fx cannot trace the root's own forward (``auto`` then tries torch.export)."""
 
 
 class LeafTracer(fx.Tracer):
@@ -93,11 +98,16 @@ def _concrete_args(model: torch.nn.Module, n_positional: int) -> dict[str, Any]:
     return concrete
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException, *, first_line: bool = False) -> str:
+    """``exc`` with the innermost file:line outside torch where it was raised; ``first_line``: only the
+    first line of its message (torch.export's run to pages of advice)."""
     frames = traceback.extract_tb(exc.__traceback__)
     user = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")]
     where = f" at {user[-1].filename}:{user[-1].lineno} in {user[-1].name}" if user else ""
-    return f"{type(exc).__name__}: {exc}".strip() + where
+    message = str(exc).strip()
+    if first_line:
+        message = message.splitlines()[0] if message else message
+    return f"{type(exc).__name__}: {message}".strip() + where
 
 
 def _symbolic_trace(model: torch.nn.Module, concrete: dict[str, Any]) -> tuple[fx.GraphModule, list[LeafReport]]:
@@ -108,14 +118,14 @@ def _symbolic_trace(model: torch.nn.Module, concrete: dict[str, Any]) -> tuple[f
             fx_graph = tracer.trace(model, concrete_args=concrete or None)
         except _TraceFailure as failure:
             if failure.module_path in leaves:  # cannot happen: a leaf's code is not traced
-                raise TraceError(f"could not trace {failure.module_path!r}: {_describe(failure.cause)}") from None
+                raise TraceError(f"could not trace {failure.module_path!r}: {describe_failure(failure.cause)}") from None
             leaves[failure.module_path] = LeafReport(
-                failure.module_path, failure.module_type, _describe(failure.cause)
+                failure.module_path, failure.module_type, describe_failure(failure.cause)
             )
             continue
         except Exception as exc:  # noqa: BLE001 - the root's own forward failed: nothing to make opaque
-            raise TraceError(
-                f"torch.fx cannot trace the root module {type(model).__name__}.forward: {_describe(exc)}",
+            raise _RootFailure(
+                f"torch.fx cannot trace the root module {type(model).__name__}.forward: {describe_failure(exc)}",
                 hint="move the untraceable code (data-dependent if/for, calls into non-torch libraries) into "
                 "a submodule; compressc then keeps that submodule opaque and compresses the rest",
             ) from None
@@ -194,7 +204,8 @@ def _qualified_name(target: Any) -> str:
         return getattr(target, "__qualname__", None) or repr(target)
 
 
-def trace(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor, *, cost: bool = True) -> Graph:
+def trace(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor, *, cost: bool = True,
+          frontend: str = "auto") -> Graph:
     """Trace ``model`` into a ``Graph`` with kinds and shapes on every node (and costs by default).
 
     Parameters
@@ -206,25 +217,53 @@ def trace(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor, *
         and are traced as those constant defaults.
     cost : bool
         Also run the cost analysis pass (params, bytes, MACs, FLOPs per node).
+    frontend : {"auto", "fx", "export"}
+        ``fx``: torch.fx with the leaf fallback; ``export``: torch.export, non-strict
+        (``compressc.frontends.export``: Hugging Face models, ``**kwargs`` in ``forward``, cache
+        objects in the outputs); ``auto``: fx, and export when fx cannot trace the root itself.
 
     Raises
     ------
     TraceError
-        When the root module's own ``forward`` cannot be traced, or the traced graph fails to run.
+        When the root module's own ``forward`` cannot be traced (by either frontend, with ``auto``),
+        or the traced graph fails to run.
     """
+    if frontend not in FRONTENDS:
+        raise ValueError(f"frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"trace() needs an nn.Module, got {type(model).__name__}")
     with gc_paused():
-        return _trace(model, example_inputs, cost)
+        return _trace(model, example_inputs, cost, frontend)
 
 
-def _trace(model: torch.nn.Module, example_inputs: tuple, cost: bool) -> Graph:
-    concrete = _concrete_args(model, len(example_inputs))
-    gm, leaves = _symbolic_trace(model, concrete)
-    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder") - len(concrete)
+def _graph_module(model: torch.nn.Module, example_inputs: tuple, frontend: str) -> tuple[fx.GraphModule, list, int]:
+    """The frontend's graph module, its opaque leaves and how many placeholders are constants."""
+    if frontend != "export":
+        try:
+            concrete = _concrete_args(model, len(example_inputs))
+            gm, leaves = _symbolic_trace(model, concrete)
+            return gm, leaves, len(concrete)
+        except _RootFailure as failure:
+            if frontend == "fx":
+                raise TraceError(failure.message, hint=failure.hint + "; or use the torch.export frontend "
+                                 "(frontend='export', --frontend export)") from None
+            fx_failure = failure
+    from compressc.frontends.export import export_graph_module
+
+    try:
+        return export_graph_module(model, example_inputs), [], 0
+    except TraceError as failure:
+        if frontend == "auto":
+            raise TraceError(f"{fx_failure.message}; and {failure.message}", hint=failure.hint) from None
+        raise
+
+
+def _trace(model: torch.nn.Module, example_inputs: tuple, cost: bool, frontend: str) -> Graph:
+    gm, leaves, n_concrete = _graph_module(model, example_inputs, frontend)
+    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder") - n_concrete
     if n_placeholders != len(example_inputs):
         raise TraceError(
             f"{type(model).__name__}.forward takes {n_placeholders} tensor input(s) but example_inputs has "
@@ -240,7 +279,7 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, cost: bool) -> Graph:
             _ShapeRecorder(gm, {leaf.module_path for leaf in leaves}).run(*example_inputs)
     except Exception as exc:  # noqa: BLE001
         raise TraceError(
-            f"the traced graph of {type(model).__name__} failed on example_inputs: {_describe(exc)}",
+            f"the traced graph of {type(model).__name__} failed on example_inputs: {describe_failure(exc)}",
             hint="check that example_inputs have the shapes and dtypes the model expects",
         ) from None
     finally:

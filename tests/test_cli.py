@@ -201,8 +201,8 @@ def test_inspect_leaves_the_model_file_alone(tmp_path):
 def test_params_mismatch_warns(tmp_path, monkeypatch):
     real_trace = compressc.trace
 
-    def trace_with_one_more_param(module, inputs):
-        graph = real_trace(module, inputs)
+    def trace_with_one_more_param(module, inputs, **options):
+        graph = real_trace(module, inputs, **options)
         graph.unattributed_params += 1
         return graph
 

@@ -77,6 +77,7 @@ class Workload:
     loss_fn: Callable | None = None
     model_file: str | None = None
     state: dict[str, torch.Tensor] | None = None
+    frontend: str = "auto"  # spec.frontend: workers trace the model as the driver did
 
     @classmethod
     def in_memory(cls, module: nn.Module, example_inputs: tuple, *, evaluate=None, loss_fn=None,
@@ -140,7 +141,7 @@ class Scorer:
             raise UserError("a scoring workload needs a module or a model file")
         self.workload, self.device, self.evaluate, self.loss_fn = workload, device, evaluate, loss_fn
         with _threads(workload.threads):
-            self.graph = trace(module, workload.example_inputs)
+            self.graph = trace(module, workload.example_inputs, frontend=workload.frontend)
             self.proxy_inputs = [split_batch(b)[0] for b in workload.calibration] or [workload.example_inputs]
             self.reference = [_outputs(self.graph.module, x) for x in self.proxy_inputs] if evaluate is None else None
 
