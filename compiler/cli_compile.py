@@ -48,6 +48,8 @@ def default_output_dir(model_file: Path) -> Path:
               help="Write the result even if it breaks --max-accuracy-drop (with a warning; exit code 0).")
 @click.option("--allow-layer-removal", is_flag=True, default=None,
               help="Let the solver remove whole residual blocks and shape-preserving layers (actions.remove_layers).")
+@click.option("--prune-norm-width", is_flag=True, default=None,
+              help="Also prune the width normalised by LayerNorm/RMSNorm (the residual stream; actions.prune_norm_width).")
 @click.option("--max-evaluations", type=int, help="Score-based search: plans scored at most (e.g. 40).")
 @click.option("--time-limit", help="Score-based search: wall-time limit (90s, 10m, 1h30m).")
 @click.option("--executor", help="Where candidates are scored: serial, processes or ray.")
@@ -63,7 +65,8 @@ def default_output_dir(model_file: Path) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
-                    finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, max_evaluations,
+                    finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, prune_norm_width,
+                    max_evaluations,
                     time_limit, executor, workers, ray_address, devices, plot_path, dump_ir: Path | None, frontend,
                     as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
@@ -75,7 +78,8 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     overrides = {"target_size": target_size, "target_flops": target_flops, "max_accuracy_drop": max_accuracy_drop,
                  "solver": solver, "seed": seed, "device": device, "frontend": frontend,
                  "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None,
-                 "actions": {"remove_layers": True} if allow_layer_removal else None,
+                 "actions": {**({"remove_layers": True} if allow_layer_removal else {}),
+                             **({"prune_norm_width": True} if prune_norm_width else {})} or None,
                  "search": {"max_evaluations": max_evaluations, "time_limit": time_limit, "executor": executor,
                             "workers": workers, "ray_address": ray_address,
                             "devices": None if devices is None else [d.strip() for d in devices.split(",")]}}

@@ -118,14 +118,22 @@ def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list
     return batches or None
 
 
+def norm_width_paths(graph: Graph, spec: Spec) -> tuple[str, ...]:
+    """The LayerNorm/RMSNorm modules of ``graph`` whose width the spec lets the solver prune
+    (``actions.prune_norm_width``, or a rule's ``norm_width``): the value of ``Graph.norm_width``."""
+    norms = {n.target for n in graph.nodes() if n.op == "call_module"
+             and isinstance(graph.module.get_submodule(n.target), (nn.LayerNorm, nn.RMSNorm))}
+    return tuple(sorted(path for path in norms if spec.rule_for(path).norm_width))
+
+
 def _evaluator(model, example_inputs, spec: Spec, *, evaluate, loss_fn, calibration_loader, train_loader,
-               model_file, bounded: bool = True) -> Evaluator:
+               model_file, bounded: bool = True, norm_width: tuple[str, ...] = ()) -> Evaluator:
     """The evaluator a solver with the ``score`` capability searches with: the spec's executor and budget
     (``bounded=False``: no evaluation or time limit, for the accuracy-target bisection)."""
     workload = Workload.in_memory(
         model, example_inputs, evaluate=evaluate, loss_fn=loss_fn, calibration=calibration_loader,
         train_loader=train_loader, model_file=model_file, recipe=spec.finetune,
-        frontend=spec.frontend)
+        frontend=spec.frontend, norm_width=norm_width)
     s = spec.search
     devices = list(s.devices) or [spec.device] * s.worker_count
     return Evaluator(workload, executor=s.executor, workers=s.worker_count, devices=devices, address=s.ray_address,
@@ -170,6 +178,7 @@ def compile(
     seed: int | None = None,
     device: str | None = None,
     allow_layer_removal: bool | None = None,
+    prune_norm_width: bool | None = None,
     cache_dir=None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -194,7 +203,8 @@ def compile(
     (``RandomSolver(samples=64)``); ``max_evaluations``, ``time_limit``, ``executor`` and ``workers``
     override the spec's ``[search]`` table; ``model_file``: the file ``model`` came from, so that worker
     processes rebuild it from there; ``frontend``: ``auto`` (default), ``fx`` or ``export``, how the model is
-    traced (``compressc.trace``).
+    traced (``compressc.trace``); ``prune_norm_width``: also prune the width LayerNorm/RMSNorm normalise
+    (``actions.prune_norm_width``; docs/transformers.md).
 
     Its phases (trace, evaluate, sensitivity, solve, candidates, lower, recovery, finalize) run in a
     ``PassContext`` whose instruments time them (``report["timings"]``), show progress bars on stderr
@@ -210,7 +220,8 @@ def compile(
                  "solver": solver if solver_object is None else type(solver_object).name, "seed": seed, "device": device,
                  "frontend": frontend,
                  "finetune": {"epochs": finetune_epochs} if finetune_epochs is not None else None,
-                 "actions": {"remove_layers": allow_layer_removal} if allow_layer_removal is not None else None,
+                 "actions": {k: v for k, v in (("remove_layers", allow_layer_removal),
+                                               ("prune_norm_width", prune_norm_width)) if v is not None} or None,
                  "search": {k: v for k, v in search.items() if v is not None} or None}
     spec = (spec or Spec()).merged({k: v for k, v in overrides.items() if v is not None}, source="compile() arguments")
     if not spec.has_target:
@@ -227,6 +238,7 @@ def compile(
     model = copy.deepcopy(model).eval()  # the caller's model keeps its modes, tensors and tree (invariant 6)
     with ctx.phase("trace") as phase:
         graph = phase.graph = trace(model, tuple(example_inputs), frontend=spec.frontend)
+        graph.norm_width = norm_width_paths(graph, spec)
     totals = graph.totals()
     original_bytes = predict_bytes(graph, Plan())
     budget = Budget(bytes=spec.target_bytes(totals.weight_bytes), flops=spec.target_flops_value(totals.flops))
@@ -250,7 +262,7 @@ def compile(
     if budget.bytes is None and budget.flops is None:  # accuracy-only target: the smallest that keeps it
         bisection = _evaluator(model, example_inputs, spec, evaluate=evaluate, loss_fn=loss_fn,
                                calibration_loader=calibration_loader, train_loader=train_loader,
-                               model_file=model_file, bounded=False)
+                               model_file=model_file, bounded=False, norm_width=graph.norm_width)
         try:
             with ctx.phase("accuracy-budget", graph):
                 budget = _accuracy_budget(problem, solver_impl, spec, bisection, accuracy_before, ctx)
@@ -262,7 +274,7 @@ def compile(
     if "score" in solver_impl.capabilities:
         problem.evaluator = _evaluator(model, example_inputs, spec, evaluate=evaluate, loss_fn=loss_fn,
                                        calibration_loader=calibration_loader, train_loader=train_loader,
-                                       model_file=model_file)
+                                       model_file=model_file, norm_width=graph.norm_width)
         # the search scored its candidates recovered on these batches: the chosen plan ships recovered on the same
         calibration_loader = problem.evaluator.workload.bn_batches()
     try:

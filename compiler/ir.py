@@ -182,16 +182,20 @@ class Graph:
     storage: dict[str, Any] = field(default_factory=dict)
     """Weight name -> ``LayerSettings`` chosen by a ``quantize`` pass: how an artifact written from this
     graph stores the tensor (the module already holds the dequantized values). Empty: float32."""
+    norm_width: tuple[str, ...] = ()
+    """Opt-in hidden-width pruning: ``fnmatch`` patterns of ``LayerNorm``/``RMSNorm`` module paths whose
+    normalised (last) dim the channel analysis may prune (``("*",)``: all). A pruned norm then equals the
+    norm over the kept channels only, not the original's statistics. Empty: norm widths are kept."""
     _analyses: dict[str, tuple[tuple, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- analyses, cached against the graph's structure ----------------------------------------
     def fingerprint(self) -> tuple:
         """What every analysis result depends on: each node's name, op, target and arguments, and the
-        shape of every parameter and buffer. Any rewrite of the fx graph or of the module's tensors
+        shape of every parameter and buffer, and the ``norm_width`` opt-in. Any rewrite of the fx graph or of the module's tensors
         changes it."""
         nodes = tuple((n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in self.module.graph.nodes)
         tensors = tuple((name, tuple(t.shape)) for name, t in self.module.state_dict(keep_vars=True).items())
-        return (id(self.module.graph), nodes, tensors)
+        return (id(self.module.graph), nodes, tensors, self.norm_width)
 
     def analysis(self, key: str, compute: Callable[[], T]) -> T:
         """``compute()``'s result, cached under ``key`` until the graph changes (``fingerprint``).

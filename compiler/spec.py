@@ -241,6 +241,7 @@ class Actions:
 
     prune_channels: bool = True
     remove_layers: bool = False
+    prune_norm_width: bool = False
     sparsity: tuple[str, ...] = ()
     sparsity_levels: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
@@ -252,6 +253,7 @@ class Actions:
     _checks: ClassVar[dict[str, Callable[[Any, Key], Any]]] = {
         "prune_channels": _bool,
         "remove_layers": _bool,
+        "prune_norm_width": _bool,
         "sparsity": _array(lambda v, k: _choice(v, k, SPARSITY_KINDS, "a sparsity kind")),
         "sparsity_levels": _array(lambda v, k: _float(v, k, 0, 1, hi_open=True)),
         "bits": _array(_bits),
@@ -433,14 +435,17 @@ class LayerRule:
     sparsity: float | None = None
     min_channels: int | None = None
     round_to: int | None = None
+    norm_width: bool | None = None
 
-    _optional: ClassVar[frozenset[str]] = frozenset({"bits", "prune", "sparsity", "min_channels", "round_to"})
+    _optional: ClassVar[frozenset[str]] = frozenset({"bits", "prune", "sparsity", "min_channels", "round_to",
+                                                     "norm_width"})
     _checks: ClassVar[dict[str, Callable[[Any, Key], Any]]] = {
         "bits": _bits,
         "prune": _bool,
         "sparsity": lambda v, k: _float(v, k, 0, 1, hi_open=True),
         "min_channels": lambda v, k: _int(v, k, lo=1),
         "round_to": lambda v, k: _int(v, k, lo=1),
+        "norm_width": _bool,
     }
 
     def __post_init__(self) -> None:
@@ -457,8 +462,9 @@ class LayerRule:
 @dataclass(frozen=True)
 class ResolvedRule:
     """The settings of one module after all matching rules: ``bits``/``sparsity`` ``None`` means the
-    solver chooses from the actions' grids; ``prune`` defaults to ``actions.prune_channels``;
-    ``matched`` lists the patterns that applied, in order."""
+    solver chooses from the actions' grids; ``prune`` defaults to ``actions.prune_channels`` and
+    ``norm_width`` (a LayerNorm/RMSNorm module may lose channels of its normalised dim) to
+    ``actions.prune_norm_width``; ``matched`` lists the patterns that applied, in order."""
 
     module: str
     bits: int | None
@@ -467,6 +473,7 @@ class ResolvedRule:
     min_channels: int
     round_to: int
     matched: tuple[str, ...]
+    norm_width: bool = False
 
 
 _RULE_FIELDS = tuple(LayerRule._checks)
@@ -644,7 +651,8 @@ class Spec:
         return ResolvedRule(module=module_name, bits=merged.get("bits"),
                             prune=merged.get("prune", self.actions.prune_channels),
                             sparsity=merged.get("sparsity"), min_channels=merged.get("min_channels", 1),
-                            round_to=merged.get("round_to", 1), matched=matched)
+                            round_to=merged.get("round_to", 1), matched=matched,
+                            norm_width=merged.get("norm_width", self.actions.prune_norm_width))
 
     def unmatched_rules(self, module_names: Any) -> list[str]:
         """The patterns, in rule order, that match none of ``module_names`` (for a warning).

@@ -78,6 +78,7 @@ class Workload:
     model_file: str | None = None
     state: dict[str, torch.Tensor] | None = None
     frontend: str = "auto"  # spec.frontend: workers trace the model as the driver did
+    norm_width: tuple[str, ...] = ()  # Graph.norm_width of the driver's graph
 
     @classmethod
     def in_memory(cls, module: nn.Module, example_inputs: tuple, *, evaluate=None, loss_fn=None,
@@ -142,6 +143,7 @@ class Scorer:
         self.workload, self.device, self.evaluate, self.loss_fn = workload, device, evaluate, loss_fn
         with _threads(workload.threads):
             self.graph = trace(module, workload.example_inputs, frontend=workload.frontend)
+            self.graph.norm_width = workload.norm_width
             self.proxy_inputs = [split_batch(b)[0] for b in workload.calibration] or [workload.example_inputs]
             self.reference = [_outputs(self.graph.module, x) for x in self.proxy_inputs] if evaluate is None else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 import re
 import string
+from fnmatch import fnmatchcase
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,12 @@ def _module_rule(ctx: WalkContext, node: fx.Node, m: nn.Module, kind: NodeKind) 
     if isinstance(m, nn.GroupNorm):
         return _group_norm(ctx, node, x, spec, m.num_groups, [f"{path}.{t}" for t in ("weight", "bias") if getattr(m, t, None) is not None])
     if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        if len(m.normalized_shape) == 1 and _width_prunable(ctx, path, x, spec):
+            tensors = [f"{path}.{t}" for t in ("weight", "bias") if getattr(m, t, None) is not None]
+            for t in tensors:
+                ctx.member(node.name, "norm", t, 0, x.slots)
+            ctx.states[node.name] = x
+            return None
         return _across_norm(ctx, node, x, spec, len(m.normalized_shape))
     if isinstance(m, nn.LocalResponseNorm):
         return _across_dims(ctx, node, x, spec, {_chan_dim(spec, 1)}, "LocalResponseNorm mixes neighbouring channels")
@@ -239,6 +246,13 @@ def _group_norm(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, group
             ctx.member(node.name, "norm", t, 0, x.slots)
     ctx.states[node.name] = x
     return None
+
+
+def _width_prunable(ctx: WalkContext, path: str, x: Any, spec: TensorMeta) -> bool:
+    """Whether the norm module at ``path`` may lose channels of its normalised last dim (opt-in,
+    ``Graph.norm_width``): only when they are the input's one channel dim."""
+    return (isinstance(x, Chan) and x.dims == (_ndim(spec) - 1,) and x.slots.ndim == 1
+            and any(fnmatchcase(path, p) for p in ctx.graph.norm_width))
 
 
 def _across_norm(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, n_dims: int) -> None:

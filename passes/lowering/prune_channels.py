@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from compressc.ir import META_VALUE, Graph, TensorMeta
@@ -68,7 +69,8 @@ def _check_nonempty(analysis: ChannelAnalysis, keep: np.ndarray) -> None:
 
 
 # -- module hyper-parameters ---------------------------------------------------------------------
-def _fix_module(m: nn.Module, in_chan: Any, out_chan: Any, keep: np.ndarray, in_dim: int | None) -> None:
+def _fix_module(m: nn.Module, in_chan: Any, out_chan: Any, keep: np.ndarray, in_dim: int | None,
+                rank: int | None = None) -> None:
     if isinstance(m, nn.modules.conv._ConvNd):
         if isinstance(m, nn.modules.conv._ConvTransposeNd):
             per_group_in = m.in_channels // m.groups
@@ -90,6 +92,9 @@ def _fix_module(m: nn.Module, in_chan: Any, out_chan: Any, keep: np.ndarray, in_
             per_group = m.num_channels // m.num_groups
             m.num_channels = int(kept_mask(in_chan, keep, 1).sum())
             m.num_groups = m.num_channels // per_group
+    elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):  # hidden-width pruning (Graph.norm_width)
+        if isinstance(in_chan, Chan) and len(m.normalized_shape) == 1 and rank is not None and rank - 1 in in_chan.dims:
+            m.normalized_shape = (int(kept_mask(in_chan, keep, rank - 1).sum()),)
     elif isinstance(m, nn.PReLU):
         m.num_parameters = m.weight.numel()
     elif isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
@@ -250,7 +255,8 @@ def prune_channels(graph: Graph, plan: ChannelPlan) -> fx.GraphModule:
             in_chan = analysis.states.get(src.name) if src is not None else None
             spec = src.meta.get(META_VALUE) if src is not None else None
             in_dim = (1 if len(spec.shape) > 1 else 0) if isinstance(spec, TensorMeta) else None
-            _fix_module(gm.get_submodule(node.target), in_chan, analysis.states.get(node.name), keep, in_dim)
+            rank = len(spec.shape) if isinstance(spec, TensorMeta) else None
+            _fix_module(gm.get_submodule(node.target), in_chan, analysis.states.get(node.name), keep, in_dim, rank)
         elif node.op in ("call_function", "call_method"):
             _rewrite_node(node, analysis, keep)
     gm.recompile()
@@ -264,9 +270,30 @@ class _Masking(fx.Interpreter):
         self.masks = masks
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        result = self._norm_over_kept(n)
+        if result is None:
+            result = super().run_node(n)
         mask = self.masks.get(n.name)
         return result if mask is None else _apply(result, mask)
+
+    def _norm_over_kept(self, n: fx.Node) -> torch.Tensor | None:
+        """A LayerNorm/RMSNorm whose input lost channels of its normalised dim (``Graph.norm_width``)
+        normalises over the kept channels only: the semantics of a width-pruned norm."""
+        m = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        if not isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or len(m.normalized_shape) != 1 or not n.args:
+            return None
+        mask, width = self.masks.get(getattr(n.args[0], "name", None)), m.normalized_shape[0]
+        if not isinstance(mask, torch.Tensor) or mask.shape[-1] != width or bool(mask.all()):
+            return None
+        kept = mask.reshape(-1, width)[0].nonzero().reshape(-1)
+        x = self.env[n.args[0]]
+        w = m.weight[kept] if m.weight is not None else None
+        if isinstance(m, nn.LayerNorm):
+            b = m.bias[kept] if m.bias is not None else None
+            y = F.layer_norm(x[..., kept], (len(kept),), w, b, m.eps)
+        else:
+            y = F.rms_norm(x[..., kept], (len(kept),), w, m.eps)
+        return torch.zeros_like(x).index_copy(-1, kept, y)
 
 
 def _apply(value: Any, mask: Any) -> Any:
