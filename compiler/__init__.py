@@ -11,6 +11,7 @@ from .ir import CostTotals, Graph, LeafReport, NodeCost, NodeInfo, NodeKind, Ten
 from .frontends.fx import trace
 from .passes.analysis.channel_groups import ChannelGroup, GroupMember, channel_groups
 from .passes.analysis.channel_plan import InfeasiblePlanError, predict_cost
+from .passes.analysis.channel_probe import register_channel_rule
 from .passes.lowering.prune_channels import masked_reference, prune_channels
 from .plan import LayerSettings, Plan
 from .spec import Spec, SpecError
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "trace",
     "channel_groups",
+    "register_channel_rule",
     "prune_channels",
     "masked_reference",
     "predict_cost",

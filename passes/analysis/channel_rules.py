@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten
 
 from compressc.ir import META_INFO, META_VALUE, NodeKind, TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ParamRef, WalkContext
+from compressc.passes.analysis.channel_probe import ChannelBehaviour, probe_behaviour, registered_rule
 
 __all__ = ["propagate"]
 
@@ -156,7 +157,7 @@ def _module_rule(ctx: WalkContext, node: fx.Node, m: nn.Module, kind: NodeKind) 
     if isinstance(m, nn.MultiheadAttention):
         return _opaque(ctx, node, "nn.MultiheadAttention ties its embed dim to its inputs and output; its channels and heads are kept")
     reason = "opaque leaf (not traced by torch.fx)" if kind is K.LEAF else f"module {type(m).__name__} is not understood"
-    return _opaque(ctx, node, reason)
+    return _unknown(ctx, node, m, reason)
 
 
 def _chan_dim(spec: TensorMeta | None, spatial: int) -> int:
@@ -394,7 +395,34 @@ def _function_rule(ctx: WalkContext, node: fx.Node, kind: NodeKind) -> None:
         return _matmul(ctx, node)
     if kind is K.ATTENTION:
         return _sdpa(ctx, node)
-    return _opaque(ctx, node, f"{node.op} {getattr(t, '__name__', t)} is not understood")
+    return _unknown(ctx, node, None, f"{node.op} {getattr(t, '__name__', t)} is not understood")
+
+
+def _unknown(ctx: WalkContext, node: fx.Node, m: nn.Module | None, reason: str) -> None:
+    """An op with no built-in rule: a registered rule, else probing (``channel_probe``), decides; the
+    warning (``reason``) is issued only when neither can."""
+    x, spec = _first(ctx, node)
+    behaviour = registered_rule(m if m is not None else node.target)
+    if behaviour is None and isinstance(x, Chan) and len(x.dims) == 1:
+        behaviour = probe_behaviour(node, m, x.dims[0])
+    if behaviour is None or not isinstance(x, Chan):
+        return _opaque(ctx, node, reason)
+    out = node.meta.get(META_VALUE)
+    if behaviour is ChannelBehaviour.PASSTHROUGH and isinstance(out, TensorMeta) and out.shape == spec.shape:
+        for other in node.all_input_nodes[1:]:  # tensors besides the first are not followed
+            _freeze_inputs_of(ctx, other, node.name)
+        ctx.states[node.name] = x
+        return None
+    return _opaque(ctx, node, f"{reason.removesuffix(' is not understood')} mixes its channels or is sized to them",
+                   warn=False)
+
+
+def _freeze_inputs_of(ctx: WalkContext, arg: fx.Node, node: str) -> None:
+    state = ctx.states.get(arg.name)
+    if isinstance(state, Chan):
+        ctx.freeze(state, node, "a second input of a pass-through op")
+    elif isinstance(state, ParamRef):
+        ctx.opaque_param(state, node)
 
 
 def _functional_conv(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta) -> None:
