@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["REFERENCE_MODELS"]
+__all__ = ["REFERENCE_MODELS", "VISION_TRANSFORMER_MODELS"]
 
 Example = tuple[nn.Module, tuple[torch.Tensor, ...]]
 
@@ -584,4 +584,137 @@ REFERENCE_MODELS: dict[str, Callable[[], Example]] = {
     "lstm_net": lstm_net,
     "control_flow": control_flow,
     "multi_input": multi_input,
+}
+
+
+# --- Transformer-era vision models (hidden width under LayerNorm, heads) ---------------------------
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7 conv -> channels-last LayerNorm -> Linear 4x -> GELU -> Linear -> layer scale -> residual."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = nn.LayerNorm(d)
+        self.pwconv1, self.pwconv2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+    def forward(self, x):
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        y = self.gamma * self.pwconv2(F.gelu(self.pwconv1(y)))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    """Patchify stem, stages of ConvNeXt blocks with LayerNorm + strided-conv downsampling, pooled head."""
+
+    def __init__(self, dims: tuple[int, ...] = (16, 32), num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dims[0], 4, 4)
+        self.stem_norm = nn.LayerNorm(dims[0])
+        self.stages = nn.ModuleList(nn.Sequential(ConvNeXtBlock(d), ConvNeXtBlock(d)) for d in dims)
+        self.down_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims[:-1])
+        self.downs = nn.ModuleList(nn.Conv2d(a, b, 2, 2) for a, b in zip(dims, dims[1:]))
+        self.norm, self.head = nn.LayerNorm(dims[-1]), nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i < len(self.downs):
+                x = self.downs[i](self.down_norms[i](x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        return self.head(self.norm(x.mean((2, 3))))
+
+
+def convnext_style() -> Example:
+    torch.manual_seed(0)
+    return _finish(ConvNeXt(), _image())
+
+
+class WindowBlock(nn.Module):
+    """Swin/MaxViT-style block on (B, H, W, C): LN -> attention inside windows (``grid=False``) or across a
+    strided grid (``grid=True``, MaxViT), optionally shifted (``torch.roll``, Swin) -> residual; LN -> MLP."""
+
+    def __init__(self, d: int, heads: int, window: int, shift: int = 0, grid: bool = False):
+        super().__init__()
+        self.window, self.shift, self.grid = window, shift, grid
+        self.norm1, self.attn = nn.LayerNorm(d), Attention(d, heads)
+        self.norm2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        w = self.window
+        y = torch.roll(self.norm1(x), (-self.shift, -self.shift), (1, 2)) if self.shift else self.norm1(x)
+        if self.grid:  # token (i, j) of window (a, b) sits at (i * H/w + a, j * W/w + b)
+            y = y.view(B, w, H // w, w, W // w, C).permute(0, 2, 4, 1, 3, 5).reshape(-1, w * w, C)
+            y = self.attn(y).view(B, H // w, W // w, w, w, C).permute(0, 3, 1, 4, 2, 5).reshape(B, H, W, C)
+        else:
+            y = y.view(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, C)
+            y = self.attn(y).view(B, H // w, W // w, w, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+        if self.shift:
+            y = torch.roll(y, (self.shift, self.shift), (1, 2))
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+class WindowTransformer(nn.Module):
+    """Patch embedding + LN, window blocks (Swin: plain then shifted; MaxViT: an MBConv, block then grid
+    attention), final LN, pooled head."""
+
+    def __init__(self, maxvit: bool = False, d: int = 32, heads: int = 4, window: int = 4, num_classes: int = 10):
+        super().__init__()
+        self.embed, self.embed_norm = nn.Conv2d(3, d, 4, 4), nn.LayerNorm(d)
+        self.mbconv = nn.Sequential(conv_bn(d, 2 * d, 1), conv_bn(2 * d, 2 * d, 3, groups=2 * d),
+                                    conv_bn(2 * d, d, 1, act=None)) if maxvit else None
+        second = dict(grid=True) if maxvit else dict(shift=window // 2)
+        self.blocks = nn.Sequential(WindowBlock(d, heads, window), WindowBlock(d, heads, window, **second))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        if self.mbconv is not None:
+            x = x + self.mbconv(x)
+        x = self.blocks(self.embed_norm(x.permute(0, 2, 3, 1)))
+        return self.head(self.norm(x.mean((1, 2))))
+
+
+def swin_style() -> Example:
+    torch.manual_seed(0)
+    return _finish(WindowTransformer(), _image())
+
+
+def maxvit_style() -> Example:
+    torch.manual_seed(0)
+    return _finish(WindowTransformer(maxvit=True), _image())
+
+
+class TokenViT(nn.Module):
+    """ViT with hand-written attention (timm style): patch conv, cls token, positional embedding, blocks."""
+
+    def __init__(self, image: int = 32, patch: int = 8, d: int = 32, depth: int = 2, num_classes: int = 10):
+        super().__init__()
+        self.embed = nn.Conv2d(3, d, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(d, 4, 2 * d) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, num_classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def vit_style() -> Example:
+    torch.manual_seed(0)
+    return _finish(TokenViT(), _image())
+
+
+#: Transformer-era vision architectures whose hidden width sits under LayerNorm (prunable with
+#: ``Graph.norm_width``) and whose attention is hand-written (heads prunable).
+VISION_TRANSFORMER_MODELS: dict[str, Callable[[], Example]] = {
+    "vit_style": vit_style,
+    "swin_style": swin_style,
+    "convnext_style": convnext_style,
+    "maxvit_style": maxvit_style,
 }

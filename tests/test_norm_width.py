@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 import compressc
 
+from .models import VISION_TRANSFORMER_MODELS
+
 pytestmark = pytest.mark.filterwarnings("ignore::compressc.passes.analysis.channel_groups.ChannelAnalysisWarning")
 
 NORMS = {"layer": lambda d: nn.LayerNorm(d), "rms": lambda d: nn.RMSNorm(d), "plain": lambda d: nn.LayerNorm(d, elementwise_affine=False)}
@@ -114,3 +116,21 @@ def test_spec_flag_and_rules_choose_the_norms():
     all_but_last = Spec(actions=Actions(prune_norm_width=True), rules=(LayerRule("norms.2", norm_width=False),))
     assert norm_width_paths(g, all_but_last) == ("norms.0", "norms.1")
     assert Spec.from_dict({"actions": {"prune_norm_width": True}}).actions.prune_norm_width
+
+
+@pytest.mark.parametrize("name", sorted(VISION_TRANSFORMER_MODELS))
+def test_vision_transformer_styles_lose_30_percent_of_params_at_30_percent_per_group(name):
+    model, inputs = VISION_TRANSFORMER_MODELS[name]()
+    g = compressc.trace(model, inputs)
+
+    def cut(graph):
+        groups = [grp for grp in compressc.channel_groups(graph) if grp.prunable]
+        plan = {grp.id: list(range(grp.size - int(0.3 * grp.size))) for grp in groups}
+        small = compressc.prune_channels(graph, plan)
+        with torch.no_grad():
+            torch.testing.assert_close(small(*inputs), compressc.masked_reference(graph, plan)(*inputs))
+        return 1 - sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
+
+    before = cut(g)
+    g.norm_width = ("*",)
+    assert cut(g) >= 0.30 > before  # the residual width under LayerNorm is what it takes
