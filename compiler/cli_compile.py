@@ -66,9 +66,8 @@ def default_output_dir(model_file: Path) -> Path:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
                     finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, prune_norm_width,
-                    max_evaluations,
-                    time_limit, executor, workers, ray_address, devices, plot_path, dump_ir: Path | None, frontend,
-                    as_json: bool, force: bool) -> None:
+                    max_evaluations, time_limit, executor, workers, ray_address, devices, plot_path,
+                    dump_ir: Path | None, frontend, as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
     import torch
 

@@ -191,8 +191,8 @@ class Graph:
     # -- analyses, cached against the graph's structure ----------------------------------------
     def fingerprint(self) -> tuple:
         """What every analysis result depends on: each node's name, op, target and arguments, and the
-        shape of every parameter and buffer, and the ``norm_width`` opt-in. Any rewrite of the fx graph or of the module's tensors
-        changes it."""
+        shape of every parameter and buffer, and the ``norm_width`` opt-in. Any rewrite of the fx graph
+        or of the module's tensors changes it."""
         nodes = tuple((n.name, n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in self.module.graph.nodes)
         tensors = tuple((name, tuple(t.shape)) for name, t in self.module.state_dict(keep_vars=True).items())
         return (id(self.module.graph), nodes, tensors, self.norm_width)
