@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 
-__all__ = ["format_bytes", "format_count", "status"]
+__all__ = ["format_bytes", "format_count", "status", "progress_bar"]
 
 _BYTE_UNITS = (" B", " KB", " MB", " GB", " TB", " PB")
 _COUNT_UNITS = ("", "K", "M", "G", "T", "P")
@@ -50,3 +50,20 @@ def status(message: str) -> Iterator[None]:
         return
     with console.status(message):
         yield
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, completed: int = 0, *, enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr (only when ``enabled`` and stderr is a terminal); the block gets a
+    function that advances it by one step.
+
+    >>> with progress_bar("steps", 3, enabled=False) as advance:
+    ...     advance()
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not (enabled and console.is_terminal), transient=True) as bar:
+        task = bar.add_task(description, total=total, completed=completed)
+        yield lambda: bar.advance(task)

@@ -4,8 +4,8 @@ A solver turns a ``Problem`` and a ``Budget`` into a ``Plan`` that meets the bud
 and third-party ones register the same way: an entry point in the ``compressc.solvers`` group naming a
 class with a ``name``, ``capabilities`` and ``solve(problem, budget, rng)``.
 
->>> sorted(available_solvers())[:4]
-['convex', 'greedy', 'random', 'uniform']
+>>> {'convex', 'greedy', 'random', 'uniform'} <= set(available_solvers())
+True
 >>> get_solver("uniform").name
 'uniform'
 """

@@ -37,8 +37,9 @@ def _declared(extras: tuple[str, ...] = ()) -> set[str]:
     return {IMPORT_NAME.get(n, n.replace("-", "_")) for n in names}
 
 
-# Extras whose packages the library imports only where they are used (the ray executor, compressc.testing).
-LIBRARY_EXTRAS = ("ray", "testing")
+# Extras whose packages the library imports only where they are used (the ray executor, compressc.testing,
+# the ga solver's plot).
+LIBRARY_EXTRAS = ("ray", "testing", "plot")
 
 
 def test_every_import_is_declared_and_every_dependency_is_used():

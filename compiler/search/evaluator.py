@@ -85,6 +85,18 @@ class Evaluator:
     def exhausted(self) -> bool:
         return self.remaining == 0
 
+    def charge(self, evaluations: int) -> None:
+        """Count ``evaluations`` that a resumed search spent in an earlier run (its checkpoint says how
+        many) against the budget, so that it stops where the uninterrupted search would have.
+
+        >>> ev = Evaluator.from_function(len, budget=SearchBudget(max_evaluations=5))
+        >>> ev.charge(3); ev.remaining
+        2
+        """
+        if isinstance(evaluations, bool) or not isinstance(evaluations, int) or evaluations < 0:
+            raise ValueError(f"evaluations must be an integer >= 0, got {evaluations!r}")
+        self._stats["evaluations"] += evaluations
+
     def _out_of_time(self) -> bool:
         limit = self.budget.time_limit
         if limit is None or self._t0 is None or time.perf_counter() - self._t0 < limit:
