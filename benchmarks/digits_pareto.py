@@ -1,12 +1,19 @@
 """Accuracy against target size on the bundled digits example, for the uniform, greedy and convex solvers
-with the same fine-tuning budget (distillation, quantization-aware).
+(and the score-based ``random`` and ``ga``) with the same fine-tuning budget (distillation, quantization-aware).
 
 For each target in ``--sizes`` and each solver: ``compressc.compile`` with ``finetune_epochs`` epochs,
-then held-out accuracy of the compact model and the bytes of its weights file. The uncompressed model's
+then held-out accuracy of the compact model and the bytes of its weights file; score-based solvers get
+``--max-evaluations`` evaluations each (the table says how many they used). The uncompressed model's
 accuracy and size are the baseline, measured in the same run. Target: at 8KB (about 50x smaller than the
 fp32 weights file) the convex solver keeps accuracy within 3 points of the uncompressed model.
 
+``--speedup SIZE`` adds the ga search at SIZE (no final fine-tuning: the time is the search's) on
+``--executor serial`` and on ``processes`` with two workers, and prints the speed-up and whether both
+returned the same plan.
+
     python benchmarks/digits_pareto.py [--sizes 200KB 50KB 20KB 8KB 4KB] [--epochs 10] [--markdown]
+    python benchmarks/digits_pareto.py --solvers convex random ga --sizes 8KB 4KB --max-evaluations 200 --epochs 3
+    python benchmarks/digits_pareto.py --solvers --speedup 8KB --max-evaluations 60
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 import compressc
+from compressc.solvers.base import get_solver
 from compressc.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +46,9 @@ def load_digits_module():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["200KB", "50KB", "20KB", "8KB", "4KB"])
-    parser.add_argument("--solvers", nargs="+", default=["uniform", "greedy", "convex"])
+    parser.add_argument("--solvers", nargs="*", default=["uniform", "greedy", "convex"])
+    parser.add_argument("--max-evaluations", type=int, default=40, help="for score-based solvers (random, ga)")
+    parser.add_argument("--speedup", metavar="SIZE", help="time the ga search at SIZE: serial vs processes x2")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args()
@@ -50,21 +60,28 @@ def main() -> None:
     base = compressc.compile(model, (digits.example_input,), target_size="1GB", progress=False)
     base_bytes = base.report["original"]["weights_bytes"]
     rows = []
-    for size in args.sizes:
+    for size in args.sizes if args.solvers else []:
         for solver in args.solvers:
             t0 = time.perf_counter()
+            scored = "score" in get_solver(solver).capabilities
             try:
                 result = compressc.compile(
                     digits.build_model(), (digits.example_input,), target_size=size, solver=solver,
                     evaluate=digits.evaluate, train_loader=digits.train_loader,
                     calibration_loader=digits.calibration_loader, finetune_epochs=args.epochs, progress=False,
+                    max_evaluations=args.max_evaluations if scored else None,
                 )
                 acc = result.report["compressed"]["accuracy"]
                 nbytes = result.report["weights_bytes"]
-                note = ""
+                search = result.report.get("search") or {}
+                note = f"{search['evaluations']} evaluations, search {search['wall_s']:.0f} s" if search else ""
             except compressc.UserError as e:
                 acc, nbytes, note = None, None, str(e).splitlines()[0]
             rows.append((size, solver, nbytes, acc, time.perf_counter() - t0, note))
+    if args.speedup:
+        speedup(digits, args.speedup, args.max_evaluations)
+    if not rows:
+        return
     table = Table(title=f"digits: accuracy vs size ({args.epochs} fine-tuning epochs each); "
                         f"uncompressed {base_bytes:,} B, accuracy {base_acc:.4f}")
     for col in ("target", "solver", "weights bytes", "x smaller", "accuracy", "vs uncompressed", "seconds", "note"):
@@ -75,15 +92,32 @@ def main() -> None:
                       f"{(acc - base_acc) * 100:+.2f} pts" if acc is not None else "-", f"{secs:.1f}", note)
     Console(width=160).print(table)
     if args.markdown:
-        print("| target | solver | weights bytes | x smaller | accuracy | vs uncompressed |")
-        print("|---|---|---:|---:|---:|---:|")
-        for size, solver, nbytes, acc, _, note in rows:
-            print(f"| {size} | {solver} | {nbytes:,} | {base_bytes / nbytes:.0f}x | {acc:.4f} | {(acc - base_acc) * 100:+.2f} pts |"
-                  if nbytes else f"| {size} | {solver} | - | - | - | {note} |")
+        print("| target | solver | weights bytes | x smaller | accuracy | vs uncompressed | seconds | note |")
+        print("|---|---|---:|---:|---:|---:|---:|---|")
+        for size, solver, nbytes, acc, secs, note in rows:
+            print(f"| {size} | {solver} | {nbytes:,} | {base_bytes / nbytes:.0f}x | {acc:.4f} | {(acc - base_acc) * 100:+.2f} pts "
+                  f"| {secs:.0f} | {note} |" if nbytes else f"| {size} | {solver} | - | - | - | {note} | | |")
     at8 = [acc for size, solver, _, acc, _, _ in rows if solver == "convex" and parse_size(size) == 8000 and acc is not None]
     if at8:
         print(f"convex at 8KB within 3 points of uncompressed: {'yes' if base_acc - at8[0] <= 0.03 else 'NO'} "
               f"({(at8[0] - base_acc) * 100:+.2f} pts)")
+
+
+def speedup(digits, size: str, max_evaluations: int) -> None:
+    """The ga search at ``size`` on serial and on processes x2: wall time of the solve, the same plan?"""
+    runs = {}
+    for executor, workers in (("serial", None), ("processes", 2)):
+        result = compressc.compile(
+            digits.build_model(), (digits.example_input,), target_size=size, solver="ga", evaluate=digits.evaluate,
+            train_loader=digits.train_loader, calibration_loader=digits.calibration_loader, finetune_epochs=0,
+            progress=False, max_evaluations=max_evaluations, executor=executor, workers=workers,
+            model_file=ROOT / "examples" / "digits.py")
+        runs[executor] = (result.report["timings"]["solve_s"], result.report["search"], result.plan)
+        print(f"ga at {size}, {executor} x{workers or 1}: solve {runs[executor][0]:.1f} s, "
+              f"{runs[executor][1]['evaluations']} evaluations, scoring {runs[executor][1]['scoring_s']:.1f} s, "
+              f"worker start-up {runs[executor][1]['startup_s']:.1f} s")
+    (ts, _, plan_s), (tp, _, plan_p) = runs["serial"], runs["processes"]
+    print(f"speed-up processes x2 vs serial: {ts / tp:.2f}x on the solve; same plan: {'yes' if plan_s == plan_p else 'NO'}")
 
 
 if __name__ == "__main__":

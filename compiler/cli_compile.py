@@ -7,7 +7,9 @@ atomically at the end.
 
 from __future__ import annotations
 
+import inspect
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from compressc.artifact.bundle import check_output_dir
 from compressc.cli import main
 from compressc.console import format_bytes, format_count
 from compressc.errors import UserError
+from compressc.front import compile_front, has_front
 from compressc.frontends.loader import load_model_file
 from compressc.pass_context import DumpIR, Log, ProgressBars
 from compressc.solvers.base import get_solver
@@ -62,12 +65,16 @@ def default_output_dir(model_file: Path) -> Path:
               help="Write the traced and the compact graph's code to DIR/NN-phase.py.")
 @click.option("--frontend", type=click.Choice(FRONTENDS),
               help="How the model becomes a graph: fx, export (torch.export: Hugging Face models) [auto: fx, else export].")
+@click.option("--emit-front", type=click.IntRange(min=1),
+              help="Also write N artifacts along the solver's Pareto front under OUT/front/ (ga).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted search from its checkpoint (OUT.checkpoint/; ga).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
                     finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, prune_norm_width,
                     max_evaluations, time_limit, executor, workers, ray_address, devices, plot_path,
-                    dump_ir: Path | None, frontend, as_json: bool, force: bool) -> None:
+                    dump_ir: Path | None, frontend, emit_front, resume: bool, as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
     import torch
 
@@ -89,8 +96,11 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     if out.resolve() == model_file.resolve():
         raise UserError(f"output {out} would overwrite the model file", hint="choose another -o directory")
     check_output_dir(out, force=force)  # before any work: a path that cannot be written fails now, not at the end
-    chosen = get_solver(spec.solver, **spec.solver_options)  # an unknown solver or a bad option fails now, too
-    if plot_path is not None and not callable(getattr(chosen, "plot", None)):
+    solver_impl = _solver(spec, out, resume)  # an unknown solver or a bad option fails now, too
+    if emit_front and not has_front(solver_impl):
+        raise UserError(f"--emit-front needs a solver that keeps a Pareto front; {spec.solver!r} does not",
+                        hint="use --solver ga, or drop --emit-front")
+    if plot_path is not None and not callable(getattr(solver_impl, "plot", None)):
         raise UserError(f"--plot: solver {spec.solver!r} draws no plot",
                         hint="drop --plot, or use a solver that records a search (ga, drl, n2n)")
     if threads is not None:
@@ -100,11 +110,20 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     if spec.finetune.epochs > 0 and mf.train_loader is None:
         err.print(f"[yellow]note:[/] {model_file} has no train_loader: fine-tuning is skipped")
     instruments = (Log(lambda msg: err.print(f"[dim]compressc:[/] {msg}", highlight=False)), ProgressBars(err))
-    result = compressc.compile(
-        mf.module, mf.example_inputs, spec=spec, evaluate=mf.evaluate, train_loader=mf.train_loader,
-        calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn, model_file=model_file, progress=False,
-        instruments=instruments + ((DumpIR(dump_ir),) if dump_ir is not None else ()), best_effort=best_effort,
-    )
+
+    def run(solver, **kw):
+        return compressc.compile(
+            mf.module, mf.example_inputs, spec=kw.pop("spec", spec), solver=solver, evaluate=mf.evaluate,
+            train_loader=mf.train_loader, calibration_loader=mf.calibration_loader, loss_fn=mf.loss_fn,
+            model_file=model_file, progress=False,
+            instruments=instruments + ((DumpIR(dump_ir),) if dump_ir is not None and solver is solver_impl else ()),
+            best_effort=kw.pop("best_effort", best_effort))
+
+    result = run(solver_impl)
+    front = []
+    if emit_front and not result.info.noop:  # every front plan compiled before anything is written
+        front = compile_front(solver_impl, result.plan, emit_front, lambda fixed: run(
+            fixed, spec=spec.merged({"finetune": {"candidates": 1}}), best_effort=True))
     result.info = result.info.replace(model_file=str(model_file))
     report = result.report
     if result.info.noop:
@@ -118,6 +137,11 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
     if plot_path is not None:
         result.plot(plot_path)
         err.print(f"wrote {plot_path}")
+    for name, r in front:
+        r.info = r.info.replace(model_file=str(model_file))
+        r.save(out / "front" / name)
+    if getattr(solver_impl, "checkpoint", None) == str(_checkpoint_dir(out)):  # finished: nothing left to resume
+        shutil.rmtree(_checkpoint_dir(out), ignore_errors=True)
     written = result.info.replace(weights_bytes=info.weights_bytes, model_py_bytes=info.model_py_bytes)
     if written.accuracy_floor_met is False:  # only with --best-effort: a miss raises otherwise
         err.print(f"[bold red]warning:[/] the result breaks the accuracy floor (--max-accuracy-drop "
@@ -127,6 +151,29 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
         click.echo(json.dumps(dict(written.to_dict(), output=str(info.directory)), indent=2, default=str))
         return
     _print_summary(report, info)
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".checkpoint")
+
+
+def _solver(spec: Spec, out: Path, resume: bool):
+    """The spec's solver; one that checkpoints its search (a ``checkpoint`` option) does so in
+    ``OUT.checkpoint/`` unless the spec says where, and ``--resume`` continues from there."""
+    options = dict(spec.solver_options)
+    cls = type(get_solver(spec.solver, **options))
+    takes = inspect.signature(cls).parameters
+    if "checkpoint" in takes and "checkpoint" not in options:
+        options["checkpoint"] = str(_checkpoint_dir(out))
+    if resume:
+        if "resume" not in takes:
+            raise UserError(f"--resume: solver {spec.solver!r} does not checkpoint its search",
+                            hint="resume works with --solver ga; drop --resume")
+        if not Path(options["checkpoint"]).is_dir():
+            raise UserError(f"--resume: there is no checkpoint to resume from ({options['checkpoint']} does not exist)",
+                            hint="run without --resume: a ga search saves itself there after every generation")
+        options["resume"] = True
+    return get_solver(spec.solver, **options)
 
 
 def _print_summary(report: dict, info) -> None:
