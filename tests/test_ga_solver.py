@@ -123,6 +123,24 @@ def test_bad_options_are_solver_errors(options):
         get_solver("ga", **options)
 
 
+# -- every plan scored fits ------------------------------------------------------------------------
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), q=st.floats(0.0, 1.0), flops=st.booleans(), removal=st.booleans())
+def test_every_plan_the_search_scores_fits_the_budget(seed, q, flops, removal):
+    """Children over the budget are repaired, never scored as they are (nor dropped: the search goes on)."""
+    problem = coupled_problem(seed, 5, overhead=True, removal=removal)
+    lo, hi = problem.bytes(problem.most_compressed()), problem.bytes(problem.uncompressed())
+    flo, fhi = problem.flops(problem.most_compressed()), problem.flops(problem.uncompressed())
+    budget = Budget(bytes=int(lo + q * (hi - lo)), flops=int(flo + (1 - q) * (fhi - flo)) if flops else None)
+    scored: list[Plan] = []
+    problem.evaluator = Evaluator.from_function(lambda plan: scored.append(plan) or -len(scored) % 7,
+                                                budget=SearchBudget(max_evaluations=40))
+    plan = GeneticSolver(population=6, refine_steps=0, seed_solvers=("greedy",), progress=False).solve(
+        problem, budget, np.random.default_rng(seed))
+    for p in scored + [plan]:
+        assert problem.feasible(problem.choice_of(p), budget)
+
+
 # -- synthetic problems with an enumerable front ---------------------------------------------------
 def _synthetic(seed: int, n: int = 7):
     """Separable bytes, a score with interactions between neighbouring layers (the additive model the
