@@ -1,4 +1,4 @@
-"""The ga solver through the command line: the front in report.json, ``--emit-front``,
+"""The ga solver through the command line: the front in report.json, ``--emit-front``, ``--plot``,
 ``--resume`` and the checkpoint's lifetime, and their errors (exit code 2, nothing written)."""
 
 import json
@@ -31,11 +31,12 @@ def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_the_front_reaches_report_json_and_emit_front_writes_artifacts_along_it(tmp_path):
+def test_the_front_reaches_report_json_the_plot_and_artifacts_along_it(tmp_path):
     model, spec = _setup(tmp_path)
     out = tmp_path / "out"
-    res = _run(model, *GA, spec, "--emit-front", "2", "-o", out)
+    res = _run(model, *GA, spec, "--emit-front", "2", "--plot", tmp_path / "front.png", "-o", out)
     assert res.exit_code == 0, res.output
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "report.json").read_text())
     stats = report["solver_statistics"]
     assert report["search"]["evaluations"] == 12 == stats["cheap_scores"] + stats["refined_scores"]
