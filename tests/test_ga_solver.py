@@ -353,3 +353,18 @@ def test_ray_gives_the_same_front_as_serial():
     already holds the executor to the serial scores in the default suite)."""
     pytest.importorskip("ray")
     assert _front_on("ray") == _front_on("serial")
+
+
+def test_a_solve_after_the_budget_is_spent_keeps_the_recorded_search():
+    """The driver solves restricted problems after the search (plan selection at extreme ratios): those
+    solves get the sensitivity model's plan and do not replace the front the report and plot show."""
+    problem, score, _, nbytes = _synthetic(4)
+    _logged(problem, score, 30)
+    solver = GeneticSolver(population=8, refine_steps=0, progress=False)
+    lo, hi = nbytes.min(), nbytes.max()
+    solver.solve(problem, Budget(bytes=int(lo + 0.5 * (hi - lo))), np.random.default_rng(0))
+    front, stats = solver.front(), solver.statistics()
+    tighter = Budget(bytes=int(lo + 0.3 * (hi - lo)))
+    plan = solver.solve(problem, tighter, np.random.default_rng(0))
+    assert problem.feasible(problem.choice_of(plan), tighter) and problem.evaluator.stats()["evaluations"] == 30
+    assert solver.front() == front and solver.statistics() == {**stats, "later_solves": 1}

@@ -151,11 +151,16 @@ class GeneticSolver:
 
     # -- the search --------------------------------------------------------------------------------
     def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan:
+        """The best measured plan under ``budget`` (module doc). A solve that finds the evaluation budget
+        already spent (the driver solving restricted problems after the search) returns the sensitivity
+        model's plan and leaves the recorded search (``statistics``, ``front``, ``plot``) as it was."""
         first_solve, self._solves = self._solves == 0, self._solves + 1
-        self._budget, self._front, self._points, self._chosen = budget, [], [], None
+        keep = self._budget is not None and problem.evaluator is not None and problem.evaluator.exhausted
         top = problem.uncompressed()
         if problem.feasible(top, budget):
-            self._stats = {"generations": 0, "evaluations": 0, "front": []}
+            if not keep:
+                self._budget, self._front, self._points, self._chosen = budget, [], [], None
+                self._stats = {"generations": 0, "evaluations": 0, "front": []}
             return problem.plan(top)
         run = _Run(self, problem, budget, rng)
         state = None
@@ -166,8 +171,12 @@ class GeneticSolver:
                                 "solver options and seed)", hint="resume with exactly the same command, or run "
                                 "without --resume to start over")
         choice = run.finish_from(state) if state is not None and state["done"] else run.search(state)
-        self._front, self._points, self._stats = run.front(), run.points(), run.statistics(choice)
-        self._chosen = next((f for f in self._front if problem.plan(choice) == f.plan), None)
+        if keep:
+            self._stats["later_solves"] = self._stats.get("later_solves", 0) + 1
+        else:
+            self._budget, self._front, self._points = budget, run.front(), run.points()
+            self._stats = run.statistics(choice)
+            self._chosen = next((f for f in self._front if problem.plan(choice) == f.plan), None)
         return problem.plan(choice)
 
 
