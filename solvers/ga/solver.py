@@ -252,8 +252,7 @@ class _Run:
             self.restore(state)
         with progress_bar("ga: generations", self.s.generations, self.generation, enabled=self.s.progress) as advance:
             while self.generation < self.s.generations and not self.fit.exhausted and self.population:
-                pool = list(dict.fromkeys(self.population + self.evaluate(self.children())))
-                pool = [g for g in pool if self.fit.value(g) is not None]
+                pool = self.evaluate(self.population + self.children())  # parents and children compete
                 self.population = [pool[i] for i in survivors(self.objectives(pool), self.s.population)]
                 self.generation += 1
                 self.history.append({"generation": self.generation, "evaluations": self.fit.spent,
