@@ -79,7 +79,7 @@ def main() -> None:
                 acc, nbytes, note = None, None, str(e).splitlines()[0]
             rows.append((size, solver, nbytes, acc, time.perf_counter() - t0, note))
     if args.speedup:
-        speedup(digits, args.speedup, args.max_evaluations)
+        speedup(args.speedup, args.max_evaluations)
     if not rows:
         return
     table = Table(title=f"digits: accuracy vs size ({args.epochs} fine-tuning epochs each); "
@@ -103,10 +103,13 @@ def main() -> None:
               f"({(at8[0] - base_acc) * 100:+.2f} pts)")
 
 
-def speedup(digits, size: str, max_evaluations: int) -> None:
-    """The ga search at ``size`` on serial and on processes x2: wall time of the solve, the same plan?"""
+def speedup(size: str, max_evaluations: int) -> None:
+    """The ga search at ``size`` on serial and on processes x2: wall time of the solve, the same plan?
+    The example is loaded afresh for each run: its ``train_loader`` advances its own generator from one
+    compile to the next, and the fine-tuning steps of the search would then see other batches."""
     runs = {}
     for executor, workers in (("serial", None), ("processes", 2)):
+        digits = load_digits_module()
         result = compressc.compile(
             digits.build_model(), (digits.example_input,), target_size=size, solver="ga", evaluate=digits.evaluate,
             train_loader=digits.train_loader, calibration_loader=digits.calibration_loader, finetune_epochs=0,

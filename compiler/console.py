@@ -62,8 +62,17 @@ def progress_bar(description: str, total: int, completed: int = 0, *, enabled: b
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from rich.errors import LiveError
+
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not (enabled and console.is_terminal), transient=True) as bar:
-        task = bar.add_task(description, total=total, completed=completed)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, disable=not (enabled and console.is_terminal), transient=True)
+    task = bar.add_task(description, total=total, completed=completed)
+    try:
+        bar.start()
+    except LiveError:  # another display is live (an instrument's bars): this one stays hidden
+        bar.disable = True
+    try:
         yield lambda: bar.advance(task)
+    finally:
+        bar.stop()
