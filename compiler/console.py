@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 
-__all__ = ["format_bytes", "format_count", "status", "progress_bar"]
+__all__ = ["format_bytes", "format_count", "status"]
 
 _BYTE_UNITS = (" B", " KB", " MB", " GB", " TB", " PB")
 _COUNT_UNITS = ("", "K", "M", "G", "T", "P")
@@ -51,28 +51,3 @@ def status(message: str) -> Iterator[None]:
     with console.status(message):
         yield
 
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int, completed: int = 0, *, enabled: bool = True) -> Iterator[Callable[[], None]]:
-    """A progress bar on stderr (only when ``enabled`` and stderr is a terminal); the block gets a
-    function that advances it by one step.
-
-    >>> with progress_bar("steps", 3, enabled=False) as advance:
-    ...     advance()
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from rich.errors import LiveError
-
-    console = Console(stderr=True)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, disable=not (enabled and console.is_terminal), transient=True)
-    task = bar.add_task(description, total=total, completed=completed)
-    try:
-        bar.start()
-    except LiveError:  # another display is live (an instrument's bars): this one stays hidden
-        bar.disable = True
-    try:
-        yield lambda: bar.advance(task)
-    finally:
-        bar.stop()

@@ -358,6 +358,8 @@ def _solve_and_lower(problem, solver_impl, budget, graph, spec, totals, report, 
     ratio = totals.weight_bytes / budget.bytes if budget.bytes else None
     compare = candidate_count(spec.finetune, ratio) if (
         evaluate is not None and train_loader is not None and spec.finetune.epochs > 0) else 1
+    if isinstance(getattr(solver_impl, "ctx", None), PassContext):  # a long search reports its progress here
+        solver_impl.ctx = ctx
     for attempt in range(5):
         with ctx.phase("solve", graph):
             if compare > 1:

@@ -32,7 +32,9 @@ class Solver(Protocol):
     """``name``: the registry name. ``capabilities``: what the solver can honour, a subset of
     ``{"bytes", "flops", "score"}`` (``score``: it searches with ``problem.evaluator``, which the
     driver sets for such solvers; tests and toy problems may leave it None). A solver may also have
-    ``statistics() -> dict``: what its last ``solve`` did, copied into ``report.json``.
+    ``statistics() -> dict``: what its last ``solve`` did, copied into ``report.json``, and ``ctx``
+    (a ``PassContext``): the driver sets it to the compile's before solving, so that a long search
+    reports its progress as tasks (``ctx.task``) the compile's instruments show.
     ``solve`` must return a plan whose choice is feasible for ``budget`` and be deterministic for a
     given ``rng`` seed; it may assume that ``problem.most_compressed()`` is feasible (the driver checks
     that first)."""

@@ -368,3 +368,22 @@ def test_a_solve_after_the_budget_is_spent_keeps_the_recorded_search():
     plan = solver.solve(problem, tighter, np.random.default_rng(0))
     assert problem.feasible(problem.choice_of(plan), tighter) and problem.evaluator.stats()["evaluations"] == 30
     assert solver.front() == front and solver.statistics() == {**stats, "later_solves": 1}
+
+
+def test_generations_are_reported_through_the_context():
+    from compressc.pass_context import PassContext
+
+    class Record:
+        def __init__(self):
+            self.seen = []
+
+        def task_finished(self, task):
+            self.seen.append((task.description, task.completed, task.total))
+
+    problem, score, _, nbytes = _synthetic(2)
+    _logged(problem, score, 40)
+    solver, record = GeneticSolver(population=6, generations=3, refine_steps=0), Record()
+    solver.ctx = PassContext(instruments=(record,))
+    solver.solve(problem, Budget(bytes=int(nbytes.min() + 0.5 * (nbytes.max() - nbytes.min()))),
+                 np.random.default_rng(0))
+    assert record.seen == [("ga: generations", solver.statistics()["generations"], 3)]

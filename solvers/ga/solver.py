@@ -36,8 +36,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from compressc.console import progress_bar
 from compressc.errors import UserError
+from compressc.pass_context import PassContext
 from compressc.plan import Plan
 from compressc.search.local_search import LocalSearch
 from compressc.search.problem import Budget, Choice, Problem
@@ -85,7 +85,8 @@ class GeneticSolver:
     scores only); ``seed_fractions``: where between the smallest plan and the budget ``greedy`` seeds
     the first population; ``seed_solvers``: which of ``convex`` and ``greedy`` seed it;
     ``checkpoint``: a directory for per-generation checkpoints; ``resume``: continue from it;
-    ``progress``: a progress bar on a terminal.
+    ``progress``: report each generation as a task of ``ctx`` (the compile's ``PassContext``: its
+    progress bars show it).
     """
 
     name: ClassVar[str] = "ga"
@@ -122,6 +123,7 @@ class GeneticSolver:
         self._budget: Budget | None = None
         self._chosen: FrontPoint | None = None
         self._solves = 0
+        self.ctx = PassContext()  # where generations are reported (the driver sets its own: bars, logs)
 
     def options(self) -> dict[str, Any]:
         """The options that shape the search (what a checkpoint is matched on)."""
@@ -250,7 +252,9 @@ class _Run:
             self.save(done=False)
         else:
             self.restore(state)
-        with progress_bar("ga: generations", self.s.generations, self.generation, enabled=self.s.progress) as advance:
+        ctx = self.s.ctx if self.s.progress else PassContext()
+        with ctx.task("ga: generations", total=self.s.generations) as task:
+            task.update(completed=self.generation)
             while self.generation < self.s.generations and not self.fit.exhausted and self.population:
                 pool = self.evaluate(self.population + self.children())  # parents and children compete
                 self.population = [pool[i] for i in survivors(self.objectives(pool), self.s.population)]
@@ -259,7 +263,7 @@ class _Run:
                                      "best_score": max(self.fit.value(g) for g in self.population),
                                      "front_size": int(pareto_mask(self.objectives(pool)).sum())})
                 self.save(done=False)
-                advance()
+                task.advance(detail=f"{self.fit.spent} evaluations, best {self.history[-1]['best_score']:.4g}")
         choice = self.result()
         self.save(done=True, result=choice)
         return choice
