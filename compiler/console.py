@@ -50,4 +50,3 @@ def status(message: str) -> Iterator[None]:
         return
     with console.status(message):
         yield
-
