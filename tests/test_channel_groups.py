@@ -167,6 +167,25 @@ def test_channel_shuffle_written_as_view_transpose_view(channels, shuffle_groups
     _check(g, {0: [0]}, x, other_batch=(torch.randn(5, 1, 4, 4),))
 
 
+def test_a_size_computed_from_the_channel_count_is_pinned_where_its_dim_keeps_its_size():
+    class Shuffle(nn.Module):  # chunks of 4: the units are the 4 positions, the chunk count keeps its size
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 12, 1), nn.Conv2d(12, 3, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            b, c, h, w = y.size()
+            return self.b(y.view(b, c // 4, 4, h, w).transpose(1, 2).contiguous().view(b, c, h, w))
+
+    x = torch.randn(2, 1, 4, 4)
+    g, groups = _groups(Shuffle(), x)
+    assert next(m.index for m in groups[0].members if m.role == "out").tolist() == [0, 1, 2, 3] * 3
+    small = _check(g, {0: [1, 3]}, x, other_batch=(torch.randn(5, 1, 4, 4),))
+    view = next(n for n in small.graph.nodes if n.target == "view")
+    assert view.args[2:4] == (3, 2)  # c // 4 would now give 6 // 4 == 1
+
+
 def test_chunk_parts_are_segments_and_the_plan_must_keep_one_of_each():
     class Split(nn.Module):
         def __init__(self):

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 import compressc
 
-from .arch_strategies import CNNSpec, arch_specs, build, plans
+from .arch_strategies import CNNSpec, Conv, Head, Shuffle, arch_specs, build, plans
 from .snapshots import assert_unchanged, snapshot
 
 # Random architectures often hold ops whose channels compressc leaves alone, with a warning: expected here.
@@ -192,15 +192,50 @@ def test_iterative_pruning_composes(spec, data):
     event("groups line up after pruning" if aligned else "groups refined after pruning")
     assume(aligned)
     plan2 = data.draw(plans(groups1), label="plan2")
+    note(f"composed = {_compose(plan1, plan2)}")
+    _assert_composes(g, g1, inputs, plan1, plan2)
+
+
+def _compose(plan1: dict, plan2: dict) -> dict:
     composed = {gid: list(keep) for gid, keep in plan1.items()}
     for gid, keep in plan2.items():
         composed[gid] = [plan1[gid][i] for i in keep] if gid in plan1 else list(keep)
-    note(f"composed = {composed}")
+    return composed
+
+
+def _assert_composes(g, g1, inputs, plan1: dict, plan2: dict) -> None:
+    """Pruning ``g1`` (``g`` pruned by ``plan1``, traced) by ``plan2`` == pruning ``g`` by the composition."""
+    composed = _compose(plan1, plan2)
     twice = compressc.prune_channels(g1, plan2)
     once = compressc.prune_channels(g, composed)
     assert_outputs_close(_outputs(twice, inputs), _outputs(once, inputs), rtol=1e-6)
     shapes = lambda m: {name: tuple(p.shape) for name, p in m.named_parameters()}  # noqa: E731
     assert shapes(twice) == shapes(once)
+
+
+@pytest.mark.parametrize("cout,shuffle,plan1,plan2,literal", [
+    (6, 2, [0, 1], [0], False),  # found by hypothesis: 2 chunks x 3 positions, pruned to 2 x 2
+    (6, 2, [0, 1], [0], True),  # the same with hard-coded view sizes
+    (12, 3, [0, 2], [1], False),  # 3 chunks x 4 positions, pruned to 3 x 2
+])
+def test_iterative_pruning_through_a_view_transpose_view_shuffle(cout, shuffle, plan1, plan2, literal):
+    """(e) A hand-written shuffle's units are the positions within a chunk before and after pruning.
+
+    The free axis of a joint layout used to be the larger one, so pruning the positions below the
+    number of chunks turned the pruned module's units into whole chunks: its groups had the sizes of
+    the original's but meant other channels, and pruning twice differed from pruning once.
+    """
+    spec = CNNSpec(seed=0, batch=1, cin=1, h=4, w=4, blocks=(Conv(cout=cout, k=1, stride=2), Shuffle(groups=shuffle)),
+                   head=Head(pool="gap", classes=2), literal_shapes=literal)
+    model, inputs = build(spec)
+    g = compressc.trace(model, inputs)
+    conv_units = lambda grs: next(m.index for m in grs[0].members if m.role == "out")  # noqa: E731
+    units = conv_units(compressc.channel_groups(g))
+    assert units.tolist() == [u for _ in range(shuffle) for u in range(cout // shuffle)]
+    g1 = compressc.trace(compressc.prune_channels(g, {0: plan1}), inputs)
+    kept = [c for c, u in enumerate(units) if u in plan1]
+    assert conv_units(compressc.channel_groups(g1)).tolist() == [plan1.index(units[c]) for c in kept]
+    _assert_composes(g, g1, inputs, {0: plan1}, {0: plan2})
 
 
 @PROPERTY

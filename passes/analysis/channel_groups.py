@@ -271,7 +271,11 @@ def _resolve_requirements(ctx: WalkContext) -> np.ndarray:
                 ctx.freeze(req.slots, req.node, "its channels are unbound or indexed one by one")
                 req.forbidden, req.slots = (), req.slots.reshape(-1)[:1]  # satisfied from now on
                 continue
-            keep = max(allowed, key=lambda ax: req.slots.shape[ax])
+            # The innermost varying axis stays free, whatever the sizes: the same position in every
+            # chunk goes together (a hand-written shuffle stays a shuffle, as ``nn.ChannelShuffle``).
+            # Choosing by size would flip once pruning shrinks that axis below another, and the groups
+            # of a pruned module would no longer line up with the original's.
+            keep = ([ax for ax in allowed if ax in varying] or allowed)[-1]
             ctx.collapse(req.slots, (keep,))
             changed = True
         if not changed:
