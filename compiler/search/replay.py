@@ -172,6 +172,26 @@ class Replay:
                 return self._per_batch(float_leaves(runner.run(*self.inputs)))
             return self.run_module(self.gm)
 
+    def local_error(self, name: str, value: torch.Tensor) -> float | None:
+        """``||y' - y||^2 / ||y||^2`` over the outputs ``y`` of the nodes that use tensor ``name`` directly
+        (its layer), recomputed from their recorded inputs with ``value`` swapped in: one layer's
+        work. None when the batches are not merged (nothing recorded) or some user is not a plain op."""
+        if not self.merged:
+            return None
+        dirty = set(self.downstream(name))
+        users = [n for n in self.gm.graph.nodes if n.name in dirty and not any(a.name in dirty for a in n.all_input_nodes)]
+        if not users or any(n.op == "output" for n in users):
+            return None
+        num = den = 0.0
+        with self.swapped(name, value), torch.no_grad():
+            runner = fx.Interpreter(self.gm, garbage_collect_values=False)
+            for n in users:
+                runner.env = {a: self.values[a.name] for a in n.all_input_nodes}
+                new, old = float_leaves(runner.run_node(n)), float_leaves(self.values[n.name])
+                num += sum(float((a - b).square().sum()) for a, b in zip(new, old))
+                den += sum(float(b.square().sum()) for b in old)
+        return num / den if den > 0 else None
+
     def run_module(self, module: nn.Module) -> Outputs:
         """The outputs per batch of another module (a pruned one) on the same batches."""
         with torch.no_grad():

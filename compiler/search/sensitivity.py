@@ -48,6 +48,7 @@ from compressc.passes.lowering.quantize import QuantSpec, dequantize, quantize
 from compressc.passes.lowering.sparsify import sparsity_mask
 from compressc.perf import release
 from compressc.plan import SPARSITY_KINDS, LayerSettings, Plan, weight_tensors
+from compressc.search.curves import anchors, between, from_local
 from compressc.search.problem import Knob
 from compressc.search.replay import Replay
 
@@ -289,6 +290,11 @@ class _Meter:
         with self.replay.swapped(name, compressed) as module:
             return {"proxy": proxy, "score": self.score(module, what)}
 
+    def local_error(self, knob: Knob, value: Any) -> float | None:
+        """The layer-local output error of a ``bits`` / ``sparsity`` option (``Replay.local_error``)."""
+        name = str(knob.target)
+        return self.replay.local_error(name, self._compressed_weight(knob, value, self.params[name].detach()))
+
     def _compressed_weight(self, knob: Knob, value: Any, w: torch.Tensor) -> torch.Tensor:
         """What ``finalize`` stores for this weight: the (masked) quantize-dequantize round trip."""
         name = str(knob.target)
@@ -348,6 +354,7 @@ def measure_sensitivity(
     calibration_inputs: Iterable[Inputs] | None = None,
     cache_dir: str | os.PathLike | None | bool = None,
     ctx: PassContext | None = None,
+    interpolate: bool = True,
 ) -> tuple[Knob, ...]:
     """The knobs with their measured sensitivity curves as ``distortion`` (same order, keys, options).
 
@@ -367,6 +374,8 @@ def measure_sensitivity(
     cache_dir : where measurements are cached (default ``default_cache_dir()``); ``False``: no cache.
     ctx : where progress goes: a ``sensitivity`` task, one step per option measured (its instruments
         draw it, e.g. ``ProgressBars``); None: nowhere.
+    interpolate : without ``evaluate``, measure only a few options of each curve end to end and derive
+        the others where the curve is smooth (``compressc.search.curves``); ``False``: measure every option.
 
     Raises
     ------
@@ -401,7 +410,15 @@ def measure_sensitivity(
     todo = {key: ji for ji, key in keys.items() if key not in cache.points}  # a key shared by two knobs: once
     if todo:
         meter = _Meter(graph, inputs, evaluate, scheme, sparsity_kind)
-        _measure(meter, cache, todo, knobs, ranking, ctx or PassContext())
+        ctx = ctx or PassContext()
+        if evaluate is None and interpolate:
+            first = {key: (j, i) for key, (j, i) in todo.items() if i in anchors(knobs[j].kind, len(knobs[j].options))}
+            if first:
+                _measure(meter, cache, first, knobs, ranking, ctx)
+            todo = _derive(meter, cache, keys, todo, knobs)
+        if todo:
+            _measure(meter, cache, todo, knobs, ranking, ctx)
+        cache.save()  # derived points too
 
     out = []
     for j, knob in enumerate(knobs):
@@ -410,6 +427,33 @@ def measure_sensitivity(
             curve.append(max(curve[-1], _loss(cache.points[keys[j, i]], cache.base_score)))
         out.append(dataclasses.replace(knob, distortion=tuple(curve)))
     return tuple(out)
+
+
+def _derive(meter: _Meter, cache: _Cache, keys: dict[tuple[int, int], str], todo: dict[str, tuple[int, int]],
+            knobs: tuple[Knob, ...]) -> dict[str, tuple[int, int]]:
+    """Fill in the options ``curves`` can derive from the measured ones (stored as ``derived``);
+    return those still to measure."""
+    missing: dict[int, list[int]] = {}
+    for key, (j, i) in todo.items():
+        if key not in cache.points:
+            missing.setdefault(j, []).append(i)
+    rest: dict[str, tuple[int, int]] = {}
+    for j, indices in missing.items():
+        knob, n = knobs[j], len(knobs[j].options)
+        measured = {i: float(cache.points[keys[j, i]]["proxy"]) for i in range(1, n) if keys[j, i] in cache.points}
+        derived: dict[int, float] | None = {}
+        if knob.kind in ("bits", "sparsity"):
+            local = {i: meter.local_error(knob, knob.options[i]) for i in set(indices) | set(measured)}
+            derived = from_local(measured, local, indices)
+        elif knob.kind == "keep":
+            derived = between(measured, indices)
+        for i in indices:
+            if derived and i in derived:
+                cache.points[keys[j, i]] = {"proxy": min(derived[i], PROXY_CAP), "score": None, "derived": True}
+                cache.dirty = True
+            else:
+                rest[keys[j, i]] = (j, i)
+    return rest
 
 
 def _measure(meter: _Meter, cache: _Cache, todo: dict[str, tuple[int, int]], knobs: tuple[Knob, ...],
