@@ -30,6 +30,7 @@ from compressc.frontends.fx import trace
 from compressc.ir import Graph
 from compressc.pass_context import Instrument, Log, Memory, PassContext, ProgressBars, Timing
 from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, prepare
+from compressc.perf import release
 from compressc.plan import Plan
 from compressc.plan_selection import candidate_count, candidate_plans, select_plan
 from compressc.recovery import recover
@@ -382,6 +383,7 @@ def _solve_and_lower(problem, solver_impl, budget, graph, spec, totals, report, 
                                         loss_fn=loss_fn, evaluate=evaluate, calibration=calibration_loader, ctx=ctx)
         with ctx.phase("finalize", graph) as phase:
             compact = finalize(prepared, trained)
+            release(prepared.module), release(trained)  # compact holds its own copy; free theirs now, not at a gc
             measured = len(encode_weights(compact.records))
             lowered = phase.graph = trace(compact.module, graph.example_inputs)
         if budget.bytes is None or measured <= budget.bytes:

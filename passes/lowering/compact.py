@@ -118,7 +118,8 @@ def prepare(graph: Graph, plan: Plan, *, share_tensors: bool = False) -> Prepare
     else:
         module = copy_sharing_tensors(base.module) if share_tensors else copy.deepcopy(base.module)
     if plan.channels or plan.layers or plan.removed:  # an empty plan is the identity, bit for bit: nothing is folded
-        module = fold_batchnorm(module, share_tensors=True)  # module is this call's own: no second copy
+        unfolded, module = module, fold_batchnorm(module, share_tensors=True)  # this call's own: no second copy
+        release(unfolded)  # it would hold the sliced tensors until the cyclic collector runs
     params = dict(module.named_parameters())
     specs: dict[str, QuantSpec] = {}
     masks: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
