@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from compressc.evaluation import checked_score
 from compressc.ir import Graph
-from compressc.pass_context import PassContext
+from compressc.pass_context import PassContext, Task
 from compressc.passes.analysis.removable_blocks import removable_blocks
 from compressc.passes.lowering.compact import PlanError, prepare, quant_spec
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
@@ -410,14 +410,14 @@ def measure_sensitivity(
     todo = {key: ji for ji, key in keys.items() if key not in cache.points}  # a key shared by two knobs: once
     if todo:
         meter = _Meter(graph, inputs, evaluate, scheme, sparsity_kind)
-        ctx = ctx or PassContext()
-        if evaluate is None and interpolate:
-            first = {key: (j, i) for key, (j, i) in todo.items() if i in anchors(knobs[j].kind, len(knobs[j].options))}
-            if first:
-                _measure(meter, cache, first, knobs, ranking, ctx)
-            todo = _derive(meter, cache, keys, todo, knobs)
-        if todo:
-            _measure(meter, cache, todo, knobs, ranking, ctx)
+        with (ctx or PassContext()).task("sensitivity", total=len(todo)) as task:  # one task, whatever is derived
+            if evaluate is None and interpolate:
+                first = {key: (j, i) for key, (j, i) in todo.items() if i in anchors(knobs[j].kind, len(knobs[j].options))}
+                task.update(total=len(first))
+                _measure(meter, cache, first, knobs, ranking, task)
+                todo = _derive(meter, cache, keys, todo, knobs)
+                task.update(total=len(first) + len(todo))
+            _measure(meter, cache, todo, knobs, ranking, task)
         cache.save()  # derived points too
 
     out = []
@@ -457,21 +457,20 @@ def _derive(meter: _Meter, cache: _Cache, keys: dict[tuple[int, int], str], todo
 
 
 def _measure(meter: _Meter, cache: _Cache, todo: dict[str, tuple[int, int]], knobs: tuple[Knob, ...],
-             ranking: dict[int, tuple[int, ...]], ctx: PassContext) -> None:
+             ranking: dict[int, tuple[int, ...]], task: Task) -> None:
     last_save = time.monotonic()
     try:
-        with ctx.task("sensitivity", total=len(todo)) as task:
-            if meter.evaluate is not None and cache.base_score is None:
-                cache.base_score = meter.score(meter.reference, "for the uncompressed model")
-                cache.dirty = True
-            for key, (j, i) in todo.items():
-                knob = knobs[j]
-                task.update(detail=f"{knob.key} = {knob.options[i]}")
-                cache.points[key] = meter.measure(knob, knob.options[i], ranking)
-                cache.dirty = True
-                task.advance()
-                if time.monotonic() - last_save > _SAVE_EVERY_S:  # an interrupted run keeps what it measured
-                    cache.save()
-                    last_save = time.monotonic()
+        if meter.evaluate is not None and cache.base_score is None:
+            cache.base_score = meter.score(meter.reference, "for the uncompressed model")
+            cache.dirty = True
+        for key, (j, i) in todo.items():
+            knob = knobs[j]
+            task.update(detail=f"{knob.key} = {knob.options[i]}")
+            cache.points[key] = meter.measure(knob, knob.options[i], ranking)
+            cache.dirty = True
+            task.advance()
+            if time.monotonic() - last_save > _SAVE_EVERY_S:  # an interrupted run keeps what it measured
+                cache.save()
+                last_save = time.monotonic()
     finally:
         cache.save()
