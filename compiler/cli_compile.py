@@ -195,6 +195,8 @@ def _print_summary(report: dict, info) -> None:
     if before.get("accuracy") is not None:
         table.add_row("accuracy", f"{before['accuracy']:.4f}", f"{after['accuracy']:.4f}",
                       f"{after['accuracy'] - before['accuracy']:+.4f}")
+    if report.get("memory"):
+        table.add_row("peak memory", "", format_bytes(report["memory"]["peak_rss_bytes"]), "")
     console.print(table)
     layers = Table(title=f"plan ({report['solver']}, seed {report['seed']})")
     for col in ("weight", "bits", "sparsity"):

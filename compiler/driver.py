@@ -28,8 +28,9 @@ from compressc.errors import UserError
 from compressc.evaluation import checked_score
 from compressc.frontends.fx import trace
 from compressc.ir import Graph
-from compressc.pass_context import Instrument, Log, PassContext, ProgressBars, Timing
+from compressc.pass_context import Instrument, Log, Memory, PassContext, ProgressBars, Timing
 from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, prepare
+from compressc.perf import release
 from compressc.plan import Plan
 from compressc.plan_selection import candidate_count, candidate_plans, select_plan
 from compressc.recovery import recover
@@ -231,9 +232,9 @@ def compile(
     solver_impl = solver_object or get_solver(spec.solver, **spec.solver_options)  # bad options fail before any work
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    timing = Timing()
+    timing, memory = Timing(), Memory()
     ctx = PassContext(seed=spec.seed, device=spec.device, instruments=(
-        timing, *((Log(log),) if log else ()), *((ProgressBars(),) if progress else ()), *instruments))
+        timing, memory, *((Log(log),) if log else ()), *((ProgressBars(),) if progress else ()), *instruments))
     torch.manual_seed(spec.seed)
     model = copy.deepcopy(model).eval()  # the caller's model keeps its modes, tensors and tree (invariant 6)
     with ctx.phase("trace") as phase:
@@ -299,6 +300,7 @@ def compile(
         search=None if problem.evaluator is None else problem.evaluator.stats(),
         solver_statistics=statistics() if callable(statistics) else None,
         timings=_timings(timing),
+        memory=memory.meter.to_dict(),
     )
     if spec.max_accuracy_drop is not None:
         report = report.replace(accuracy_floor_met=accuracy_before - accuracy_after <= spec.max_accuracy_drop + 1e-12)
@@ -381,6 +383,7 @@ def _solve_and_lower(problem, solver_impl, budget, graph, spec, totals, report, 
                                         loss_fn=loss_fn, evaluate=evaluate, calibration=calibration_loader, ctx=ctx)
         with ctx.phase("finalize", graph) as phase:
             compact = finalize(prepared, trained)
+            release(prepared.module), release(trained)  # compact holds its own copy; free theirs now, not at a gc
             measured = len(encode_weights(compact.records))
             lowered = phase.graph = trace(compact.module, graph.example_inputs)
         if budget.bytes is None or measured <= budget.bytes:

@@ -34,8 +34,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compressc.ir import Graph
+from compressc.perf import PeakMemory
 
-__all__ = ["Pass", "PassContext", "Phase", "PhaseResult", "Task", "Instrument", "Timing", "Log", "DumpIR",
+__all__ = ["Pass", "PassContext", "Phase", "PhaseResult", "Task", "Instrument", "Timing", "Memory", "Log", "DumpIR",
            "ProgressBars"]
 
 
@@ -170,6 +171,20 @@ class Timing:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+
+@dataclass
+class Memory:
+    """Peak resident memory per pass or phase (``compressc.perf.PeakMemory``): ``meter.to_dict()``
+    is report.json's ``memory``."""
+
+    meter: PeakMemory = field(default_factory=PeakMemory)
+
+    def before(self, step: Pass | Phase, graph: Graph | None) -> None:
+        self.meter.begin(step.name)
+
+    def after(self, step: Pass | Phase, graph: Graph | None) -> None:
+        self.meter.end(step.name)
 
 
 @dataclass

@@ -67,6 +67,7 @@ class Report:
     search: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # Evaluator.stats(): score solvers only
     solver_statistics: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # solver.statistics()
     timings: dict[str, float] | None = field(default=None, metadata=_OPTIONAL)
+    memory: dict[str, Any] | None = field(default=None, metadata=_OPTIONAL)  # PeakMemory.to_dict(): peak RSS per phase
     accuracy_floor_met: bool | None = field(default=None, metadata=_OPTIONAL)
     model_file: str | None = field(default=None, metadata=_OPTIONAL)
     model_py_bytes: int | None = field(default=None, metadata=_OPTIONAL)

@@ -25,13 +25,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.flop_counter import FlopCounterMode
 
 from compressc.errors import TraceError
 from compressc.perf import gc_paused
-from compressc.ir import META_INFO, META_OPAQUE_FLOPS, META_VALUE, Graph, LeafReport, NodeInfo, NodeKind, TensorMeta
-from compressc.frontends.node_kinds import classify
+from compressc.ir import Graph, LeafReport
+from compressc.frontends.shapes import record_shapes
 from compressc.spec import FRONTENDS
 
 __all__ = ["trace", "LeafTracer", "describe_failure"]
@@ -134,76 +132,6 @@ def _symbolic_trace(model: torch.nn.Module, concrete: dict[str, Any]) -> tuple[f
     raise TraceError(f"gave up after making {_MAX_LEAF_ROUNDS} submodules opaque in {type(model).__name__}")
 
 
-def _metas(value: Any) -> tuple[TensorMeta, ...]:
-    flat, _ = tree_flatten(value)
-    return tuple(TensorMeta(tuple(t.shape), t.dtype) for t in flat if isinstance(t, torch.Tensor))
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Runs the graph once and writes one ``NodeInfo`` per node (fx's ShapeProp, typed)."""
-
-    def __init__(self, gm: fx.GraphModule, leaf_paths: set[str]) -> None:
-        super().__init__(gm)
-        self.leaf_paths = leaf_paths
-        self.modules = dict(gm.named_modules())
-
-    def run_node(self, n: fx.Node) -> Any:
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        module = self.modules.get(n.target) if n.op == "call_module" else None
-        if n.op == "call_module" and n.target in self.leaf_paths:
-            kind = NodeKind.LEAF
-        else:
-            kind = classify(n, module, list(args))
-        if kind in (NodeKind.LEAF, NodeKind.OTHER) and n.op == "call_module":
-            # Opaque modules: count their matmul/conv work at the aten level while running them.
-            with FlopCounterMode(display=False) as counter:
-                result = super().run_node(n)
-            n.meta[META_OPAQUE_FLOPS] = counter.get_total_flops()
-        else:
-            result = super().run_node(n)
-        outputs = _metas(result)
-        n.meta[META_VALUE] = tree_map(_value_spec, result)
-        if n.op in ("call_function", "call_method") and not outputs:
-            kind = NodeKind.SHAPE  # Python-value arithmetic (shapes, sizes), whatever the operator
-        n.meta[META_INFO] = NodeInfo(
-            name=n.name,
-            kind=kind,
-            op=n.op,
-            target=_target_name(n),
-            module_path=n.target if n.op in ("call_module", "get_attr") else None,
-            module_type=type(module).__name__ if module is not None else None,
-            inputs=_metas((args, kwargs)),
-            outputs=outputs,
-        )
-        return result
-
-
-def _value_spec(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return TensorMeta(tuple(v.shape), v.dtype)
-    if isinstance(v, (int, float, bool, str, type(None), torch.dtype, torch.device)):
-        return v
-    return None  # other Python objects are not needed by any pass
-
-
-def _target_name(n: fx.Node) -> str:
-    """A readable name for the node's target: ``torch.relu``, ``F.linear``, ``operator.add``, ``view``."""
-    if isinstance(n.target, str):
-        return n.target
-    name = _qualified_name(n.target)
-    for prefix, short in (("torch._C._nn.", "F."), ("torch.nn.functional.", "F."), ("_operator.", "operator.")):
-        if name.startswith(prefix):
-            return short + name[len(prefix):]
-    return name
-
-
-def _qualified_name(target: Any) -> str:
-    try:
-        return fx.node._get_qualified_name(target)
-    except Exception:  # noqa: BLE001 - fx cannot name some builtins; fall back to repr
-        return getattr(target, "__qualname__", None) or repr(target)
-
-
 def trace(model: torch.nn.Module, example_inputs: tuple | list | torch.Tensor, *, cost: bool = True,
           frontend: str = "auto") -> Graph:
     """Trace ``model`` into a ``Graph`` with kinds and shapes on every node (and costs by default).
@@ -273,10 +201,11 @@ def _trace(model: torch.nn.Module, example_inputs: tuple, cost: bool, frontend: 
     # Shapes are recorded in eval mode so that BatchNorm running statistics of the user's model
     # (shared with gm) are not updated; every module's own mode is restored afterwards.
     modes = [(m, m.training) for m in gm.modules()]
+    leaf_paths = {leaf.module_path for leaf in leaves}
     try:
         gm.eval()
         with torch.no_grad():
-            _ShapeRecorder(gm, {leaf.module_path for leaf in leaves}).run(*example_inputs)
+            record_shapes(gm, leaf_paths, example_inputs)
     except Exception as exc:  # noqa: BLE001
         raise TraceError(
             f"the traced graph of {type(model).__name__} failed on example_inputs: {describe_failure(exc)}",

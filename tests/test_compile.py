@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import compressc
+from compressc.console import format_bytes
 from compressc.cli import main
 from compressc.driver import BudgetError
 
@@ -69,6 +70,8 @@ def test_cli_writes_the_artifact_and_summary(tmp_path):
     assert report["weights_bytes"] <= report["target_bytes"]
     assert (out / "weights.cqw").stat().st_size == report["weights_bytes"]
     assert "weights file" in res.output and "plan" in res.output
+    peak = report["memory"]["peak_rss_bytes"]
+    assert "peak memory" in res.output and format_bytes(peak) in res.output
     assert model.read_bytes() == before
     loaded = compressc.load(out)
     assert loaded(torch.randn(1, 1, 8, 8)).shape == (1, 3)
@@ -331,8 +334,11 @@ def test_report_json_has_the_documented_keys(tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert list(report) == ["spec", "solver", "seed", "original", "target_bytes", "target_flops", "extended_actions",
                             "noop", "plan", "plan_summary", "predicted_bytes", "weights_bytes", "compressed", "objective",
-                            "attempts", "recovery", "solver_statistics", "timings", "accuracy_floor_met", "model_file",
-                            "model_py_bytes"]
+                            "attempts", "recovery", "solver_statistics", "timings", "memory", "accuracy_floor_met",
+                            "model_file", "model_py_bytes"]
+    assert list(report["memory"]) == ["peak_rss_bytes", "phases"]
+    assert {f"{p}_s" for p in report["memory"]["phases"]} == set(report["timings"]) - {"total_s"}  # the same phases
+    assert report["memory"]["peak_rss_bytes"] >= max(report["memory"]["phases"].values()) > 50e6  # torch alone is more
     assert list(report["original"]) == ["weights_bytes", "fp32_weight_bytes", "params", "macs", "flops", "accuracy"]
     assert list(report["compressed"]) == ["params", "macs", "flops", "accuracy"]
     assert list(report["recovery"]) == ["recalibration_batches", "stages"]

@@ -21,6 +21,7 @@ from compressc.errors import UserError
 from compressc.pass_context import PassContext, ProgressBars
 from compressc.search import sensitivity as sens
 from compressc.passes.analysis.importance import get_criterion
+from compressc.search.curves import anchors
 from compressc.search.sensitivity import (
     TIE_BREAK,
     default_calibration_inputs,
@@ -94,7 +95,7 @@ def test_each_option_is_measured_on_the_module_lower_builds(tmp_path, kind):
     _, g, ranking = conv_bn()
     inputs = default_calibration_inputs(g.example_inputs)
     knobs = conv_knobs(ranking)
-    out = measure_sensitivity(g, knobs, ranking, sparsity_kind=kind, cache_dir=False)
+    out = measure_sensitivity(g, knobs, ranking, sparsity_kind=kind, cache_dir=False, interpolate=False)
     reference = leaves(fold_batchnorm(g.module).eval(), inputs)
     for k in out:
         raw = []
@@ -108,6 +109,27 @@ def test_each_option_is_measured_on_the_module_lower_builds(tmp_path, kind):
             raw.append(proxy_distortion(reference, leaves(lower(g, plan).module.eval(), inputs)))
         expected = np.maximum.accumulate([0.0] + raw)
         np.testing.assert_allclose(k.distortion, expected, rtol=1e-6, atol=1e-12, err_msg=k.key)
+
+
+def test_interpolated_curves_measure_fewer_options_and_stay_close(tmp_path):
+    """Data-free curves measure the anchors end to end and derive the rest: anchors are exact, derived
+    options within 3x of the measured value (the solver compares orders of magnitude), fewer points
+    measured, and the cache marks which points were derived."""
+    _, g, ranking = conv_bn()
+    knobs = [knob("keep", gid, (8, 7, 6, 5, 4, 3, 2, 1)) for gid in ranking] + [
+        knob("bits", "0.weight", (32, 16, 8, 6, 5, 4, 3, 2)), knob("bits", "3.weight", (32, 16, 8, 6, 5, 4, 3, 2)),
+        knob("sparsity", "7.weight", (0.0, 0.1, 0.2, 0.3, 0.4, 0.5))]
+    exact = measure_sensitivity(g, knobs, ranking, cache_dir=False, interpolate=False)
+    fast = measure_sensitivity(g, knobs, ranking, cache_dir=tmp_path)
+    for e, f in zip(exact, fast):
+        for i in anchors(e.kind, len(e.options)):
+            assert f.distortion[i] == pytest.approx(e.distortion[i], rel=1e-6, abs=1e-12) or f.distortion[i] >= e.distortion[i]
+        for a, b in zip(e.distortion[1:], f.distortion[1:]):
+            assert b / 3 <= a <= 3 * b, (e.key, e.distortion, f.distortion)
+    (cache,) = tmp_path.glob("*.json")
+    points = json.loads(cache.read_text())["points"]
+    derived = sum(1 for p in points.values() if p.get("derived"))
+    assert 0 < derived < len(points) and len(points) == sum(len(k.options) - 1 for k in knobs)
 
 
 def test_more_compression_distorts_more_on_a_linear_model():

@@ -23,7 +23,6 @@ docs/sensitivity.md has the details.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -38,18 +37,20 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
 
 from compressc.evaluation import checked_score
 from compressc.ir import Graph
-from compressc.pass_context import PassContext
+from compressc.pass_context import PassContext, Task
 from compressc.passes.analysis.removable_blocks import removable_blocks
 from compressc.passes.lowering.compact import PlanError, prepare, quant_spec
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
 from compressc.passes.lowering.quantize import QuantSpec, dequantize, quantize
 from compressc.passes.lowering.sparsify import sparsity_mask
+from compressc.perf import release
 from compressc.plan import SPARSITY_KINDS, LayerSettings, Plan, weight_tensors
+from compressc.search.curves import anchors, between, from_local
 from compressc.search.problem import Knob
+from compressc.search.replay import Replay
 
 __all__ = ["measure_sensitivity", "proxy_distortion", "default_calibration_inputs", "model_hash",
            "default_cache_dir", "TIE_BREAK"]
@@ -103,16 +104,6 @@ def _random_like(x: Any, gen: torch.Generator) -> Any:
     return torch.randint(lo, hi + 1, x.shape, generator=gen).to(x.dtype).to(x.device)
 
 
-def _float_leaves(outputs: Any) -> list[torch.Tensor]:
-    return [t.detach().to(torch.float64).reshape(-1) for t in tree_leaves(outputs)
-            if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _run(module: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return _float_leaves(module(*inputs))
-
-
 def proxy_distortion(reference: Sequence[Sequence[torch.Tensor]], compressed: Sequence[Sequence[torch.Tensor]]) -> float:
     """Mean over batches of ``||f_c(x) - f(x)||^2 / ||f(x)||^2``, every floating output of a batch
     counted together; NaN / Inf outputs or a ratio above ``PROXY_CAP`` give ``PROXY_CAP``.
@@ -138,7 +129,7 @@ def _update(h: "hashlib._Hash", value: Any) -> None:
         t = value.detach().cpu()
         h.update(f"tensor|{t.dtype}|{tuple(t.shape)}|".encode())
         try:
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
         except (RuntimeError, TypeError):  # sparse, quantized, ...: slower but still exact
             h.update(repr(t.tolist()).encode())
     else:
@@ -257,16 +248,21 @@ def _kept(ranking: dict[int, tuple[int, ...]], knob: Knob, value: Any) -> tuple[
 
 # -- measuring -----------------------------------------------------------------------------------
 class _Meter:
-    """Builds the one-knob modules and scores them against the BatchNorm-folded float reference."""
+    """Builds the one-knob modules and scores them against the BatchNorm-folded float reference.
+
+    No copy of the model: the reference shares every tensor BatchNorm folding leaves alone; a
+    ``bits``/``sparsity`` option swaps one compressed weight in, replays only the layers downstream of
+    it on the batched calibration inputs (``Replay``) and puts the weight back; a ``keep``/``remove``
+    option builds a pruned module sharing the tensors it leaves whole, and releases it after."""
 
     def __init__(self, graph: Graph, inputs: list[Inputs], evaluate: Callable | None, scheme: str, sparsity_kind: str):
         self.graph, self.inputs, self.evaluate = graph, inputs, evaluate
         self.scheme, self.sparsity_kind = scheme, sparsity_kind
         # lower() folds BatchNorm for every non-empty plan, so the folded module is the uncompressed reference
-        self.reference = fold_batchnorm(graph.module).eval()
-        self.outputs = [_run(self.reference, x) for x in inputs]
-        self.work = copy.deepcopy(self.reference)  # bits/sparsity: one weight swapped in, then restored
-        self.params = dict(self.work.named_parameters())
+        self.reference = fold_batchnorm(graph.module, share_tensors=True).eval()
+        self.replay = Replay(self.reference, inputs)
+        self.outputs = self.replay.outputs
+        self.params = dict(self.reference.named_parameters())
 
     def score(self, module: nn.Module, what: str) -> float | None:
         if self.evaluate is None:
@@ -277,20 +273,27 @@ class _Meter:
 
     def measure(self, knob: Knob, value: Any, ranking: dict[int, tuple[int, ...]]) -> dict[str, float | None]:
         what = f"for knob {knob.key} at option {value!r}"
-        if knob.kind == "keep":
-            module = prepare(self.graph, Plan(channels={int(knob.target): _kept(ranking, knob, value)})).module.eval()
-            return self._entry(module, what)
-        if knob.kind == "remove":
-            return self._entry(prepare(self.graph, Plan(removed=(str(knob.target),))).module.eval(), what)
-        p = self.params[str(knob.target)]
-        original = p.detach().clone()
-        with torch.no_grad():
-            p.copy_(self._compressed_weight(knob, value, original))
-        try:
-            return self._entry(self.work, what)
-        finally:
-            with torch.no_grad():
-                p.copy_(original)
+        if knob.kind in ("keep", "remove"):
+            plan = Plan(channels={int(knob.target): _kept(ranking, knob, value)}) if knob.kind == "keep" else \
+                Plan(removed=(str(knob.target),))
+            module = prepare(self.graph, plan, share_tensors=True).module.eval()
+            try:
+                return {"proxy": proxy_distortion(self.outputs, self.replay.run_module(module)),
+                        "score": self.score(module, what)}
+            finally:
+                release(module)  # its own (sliced, folded) tensors go now, not when the cyclic collector runs
+        name = str(knob.target)
+        compressed = self._compressed_weight(knob, value, self.params[name].detach())
+        proxy = proxy_distortion(self.outputs, self.replay.run_with(name, compressed))
+        if self.evaluate is None:
+            return {"proxy": proxy, "score": None}
+        with self.replay.swapped(name, compressed) as module:
+            return {"proxy": proxy, "score": self.score(module, what)}
+
+    def local_error(self, knob: Knob, value: Any) -> float | None:
+        """The layer-local output error of a ``bits`` / ``sparsity`` option (``Replay.local_error``)."""
+        name = str(knob.target)
+        return self.replay.local_error(name, self._compressed_weight(knob, value, self.params[name].detach()))
 
     def _compressed_weight(self, knob: Knob, value: Any, w: torch.Tensor) -> torch.Tensor:
         """What ``finalize`` stores for this weight: the (masked) quantize-dequantize round trip."""
@@ -301,10 +304,6 @@ class _Meter:
             spec = quant_spec(LayerSettings(bits=32), w)
             mask = sparsity_mask(w, float(value), self.sparsity_kind)
         return dequantize(quantize(w, spec, name=name, mask=mask)).to(w.dtype).to(w.device)
-
-    def _entry(self, module: nn.Module, what: str) -> dict[str, float | None]:
-        proxy = proxy_distortion(self.outputs, [_run(module, x) for x in self.inputs])
-        return {"proxy": proxy, "score": self.score(module, what)}
 
 
 def _check(graph: Graph, knobs: Sequence[Knob], ranking: dict[int, tuple[int, ...]], sparsity_kind: str) -> None:
@@ -355,6 +354,7 @@ def measure_sensitivity(
     calibration_inputs: Iterable[Inputs] | None = None,
     cache_dir: str | os.PathLike | None | bool = None,
     ctx: PassContext | None = None,
+    interpolate: bool = True,
 ) -> tuple[Knob, ...]:
     """The knobs with their measured sensitivity curves as ``distortion`` (same order, keys, options).
 
@@ -374,6 +374,8 @@ def measure_sensitivity(
     cache_dir : where measurements are cached (default ``default_cache_dir()``); ``False``: no cache.
     ctx : where progress goes: a ``sensitivity`` task, one step per option measured (its instruments
         draw it, e.g. ``ProgressBars``); None: nowhere.
+    interpolate : without ``evaluate``, measure only a few options of each curve end to end and derive
+        the others where the curve is smooth (``compressc.search.curves``); ``False``: measure every option.
 
     Raises
     ------
@@ -408,7 +410,15 @@ def measure_sensitivity(
     todo = {key: ji for ji, key in keys.items() if key not in cache.points}  # a key shared by two knobs: once
     if todo:
         meter = _Meter(graph, inputs, evaluate, scheme, sparsity_kind)
-        _measure(meter, cache, todo, knobs, ranking, ctx or PassContext())
+        with (ctx or PassContext()).task("sensitivity", total=len(todo)) as task:  # one task, whatever is derived
+            if evaluate is None and interpolate:
+                first = {key: (j, i) for key, (j, i) in todo.items() if i in anchors(knobs[j].kind, len(knobs[j].options))}
+                task.update(total=len(first))
+                _measure(meter, cache, first, knobs, ranking, task)
+                todo = _derive(meter, cache, keys, todo, knobs)
+                task.update(total=len(first) + len(todo))
+            _measure(meter, cache, todo, knobs, ranking, task)
+        cache.save()  # derived points too
 
     out = []
     for j, knob in enumerate(knobs):
@@ -419,22 +429,48 @@ def measure_sensitivity(
     return tuple(out)
 
 
+def _derive(meter: _Meter, cache: _Cache, keys: dict[tuple[int, int], str], todo: dict[str, tuple[int, int]],
+            knobs: tuple[Knob, ...]) -> dict[str, tuple[int, int]]:
+    """Fill in the options ``curves`` can derive from the measured ones (stored as ``derived``);
+    return those still to measure."""
+    missing: dict[int, list[int]] = {}
+    for key, (j, i) in todo.items():
+        if key not in cache.points:
+            missing.setdefault(j, []).append(i)
+    rest: dict[str, tuple[int, int]] = {}
+    for j, indices in missing.items():
+        knob, n = knobs[j], len(knobs[j].options)
+        measured = {i: float(cache.points[keys[j, i]]["proxy"]) for i in range(1, n) if keys[j, i] in cache.points}
+        derived: dict[int, float] | None = {}
+        if knob.kind in ("bits", "sparsity"):
+            local = {i: meter.local_error(knob, knob.options[i]) for i in set(indices) | set(measured)}
+            derived = from_local(measured, local, indices)
+        elif knob.kind == "keep":
+            derived = between(measured, indices)
+        for i in indices:
+            if derived and i in derived:
+                cache.points[keys[j, i]] = {"proxy": min(derived[i], PROXY_CAP), "score": None, "derived": True}
+                cache.dirty = True
+            else:
+                rest[keys[j, i]] = (j, i)
+    return rest
+
+
 def _measure(meter: _Meter, cache: _Cache, todo: dict[str, tuple[int, int]], knobs: tuple[Knob, ...],
-             ranking: dict[int, tuple[int, ...]], ctx: PassContext) -> None:
+             ranking: dict[int, tuple[int, ...]], task: Task) -> None:
     last_save = time.monotonic()
     try:
-        with ctx.task("sensitivity", total=len(todo)) as task:
-            if meter.evaluate is not None and cache.base_score is None:
-                cache.base_score = meter.score(meter.reference, "for the uncompressed model")
-                cache.dirty = True
-            for key, (j, i) in todo.items():
-                knob = knobs[j]
-                task.update(detail=f"{knob.key} = {knob.options[i]}")
-                cache.points[key] = meter.measure(knob, knob.options[i], ranking)
-                cache.dirty = True
-                task.advance()
-                if time.monotonic() - last_save > _SAVE_EVERY_S:  # an interrupted run keeps what it measured
-                    cache.save()
-                    last_save = time.monotonic()
+        if meter.evaluate is not None and cache.base_score is None:
+            cache.base_score = meter.score(meter.reference, "for the uncompressed model")
+            cache.dirty = True
+        for key, (j, i) in todo.items():
+            knob = knobs[j]
+            task.update(detail=f"{knob.key} = {knob.options[i]}")
+            cache.points[key] = meter.measure(knob, knob.options[i], ranking)
+            cache.dirty = True
+            task.advance()
+            if time.monotonic() - last_save > _SAVE_EVERY_S:  # an interrupted run keeps what it measured
+                cache.save()
+                last_save = time.monotonic()
     finally:
         cache.save()

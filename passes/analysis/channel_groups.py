@@ -292,41 +292,26 @@ def _finish(ctx: WalkContext) -> ChannelAnalysis:
     frozen_reason: dict[int, str] = {}
     warned: list[ChannelWarning] = []
     for slots, node, reason, warn in ctx.frozen:
-        for c in np.unique(cls[slots]):
-            frozen_reason.setdefault(int(c), f"{node}: {reason}")
+        for c in _distinct(cls[slots]):
+            frozen_reason.setdefault(c, f"{node}: {reason}")
         if warn:
             warned.append(ChannelWarning(node, reason))
     # groups: classes connected through a common producer
     prod_edges = [(cls[s], np.full(len(s), cls[s[0]])) for _, s in ctx.producers if len(s)]
     grp_of_cls = _components(n_cls, prod_edges)
-    has_producer = np.zeros(n_cls, dtype=bool)
-    for _, s in ctx.producers:
-        has_producer[cls[s]] = True
-    group_ids: dict[int, int] = {}
+    group_classes = _classes_by_group(cls, grp_of_cls, [s for _, s in ctx.producers])
+    frozen = np.zeros(n_cls, dtype=bool)
+    frozen[list(frozen_reason)] = True
     unit_of_cls = np.full(n_cls, -1, dtype=np.int64)
-    group_classes: list[list[int]] = []
-    for _, s in ctx.producers:
-        for c in dict.fromkeys(cls[s].tolist()):
-            raw = int(grp_of_cls[c])
-            if raw not in group_ids:
-                group_ids[raw] = len(group_classes)
-                group_classes.append([])
-            if unit_of_cls[c] == -1:
-                unit_of_cls[c] = -2  # placeholder: numbered below, unfrozen first
-                group_classes[group_ids[raw]].append(c)
     gid_of_cls = np.full(n_cls, -1, dtype=np.int64)
     meta: list[tuple[int, bool, str | None]] = []
     for gid, classes in enumerate(group_classes):
-        free = [c for c in classes if c not in frozen_reason]
-        units = free if free else classes
-        for u, c in enumerate(units):
-            unit_of_cls[c] = u
-            gid_of_cls[c] = gid
-        for c in classes:
-            if c not in units:
-                unit_of_cls[c] = -1
-        reason = None if free else frozen_reason[classes[0]]
-        meta.append((len(units), bool(free), reason))
+        free = ~frozen[classes]
+        units = classes[free] if free.any() else classes  # numbered unfrozen first; frozen ones get none
+        unit_of_cls[units] = np.arange(len(units))
+        gid_of_cls[units] = gid
+        reason = None if free.any() else frozen_reason[int(classes[0])]
+        meta.append((len(units), bool(free.any()), reason))
     group_of_slot = gid_of_cls[cls] if len(cls) else np.zeros(0, dtype=np.int64)
     unit_of_slot = unit_of_cls[cls] if len(cls) else np.zeros(0, dtype=np.int64)
     # a non-prunable group still reports its units, but lowering must never touch them
@@ -334,7 +319,7 @@ def _finish(ctx: WalkContext) -> ChannelAnalysis:
     members: list[list[GroupMember]] = [[] for _ in meta]
     for node, role, tensor, dim, slots in ctx.members + _act_members(ctx):
         gids, units = group_of_slot[slots], unit_of_slot[slots]
-        for gid in np.unique(gids[gids >= 0]).tolist():
+        for gid in (g for g in _distinct(gids) if g >= 0):
             index = np.where(gids == gid, units, -1)
             members[gid].append(GroupMember(node, role, tensor, dim, index))
     segments: list[set[tuple[int, ...]]] = [set() for _ in meta]
@@ -342,7 +327,7 @@ def _finish(ctx: WalkContext) -> ChannelAnalysis:
         gids, units = group_of_slot[slots], unit_of_slot[slots]
         if not gids.size or (units < 0).any():
             continue  # a frozen position keeps this tensor non-empty anyway
-        for gid in np.unique(gids).tolist():
+        for gid in _distinct(gids):
             part = tuple(sorted(set(units[gids == gid].tolist())))
             if len(part) < meta[gid][0]:
                 segments[gid].add(part)
@@ -353,6 +338,30 @@ def _finish(ctx: WalkContext) -> ChannelAnalysis:
     ]
     group_of_slot = np.where(prunable_slot, group_of_slot, -1)
     return ChannelAnalysis(groups, ctx.states, group_of_slot, unit_of_slot, warned, ctx.tensor_dims)
+
+
+def _distinct(values: np.ndarray) -> list[int]:
+    """``np.unique(values).tolist()``, fast for the common case of one repeated value."""
+    if values.size and (values == values.flat[0]).all():
+        return [int(values.flat[0])]
+    return np.unique(values).tolist()
+
+
+def _classes_by_group(cls: np.ndarray, grp_of_cls: np.ndarray, producers: list[np.ndarray]) -> list[np.ndarray]:
+    """The classes of the producers' slots, grouped by ``grp_of_cls``: groups in the order of their
+    first producer slot, classes within a group in the order of their first slot."""
+    slots = [s for s in producers if len(s)]
+    if not slots:
+        return []
+    classes, first = np.unique(cls[np.concatenate(slots)], return_index=True)
+    order = classes[np.argsort(first, kind="stable")]
+    raw = grp_of_cls[order]
+    raw_ids, raw_first = np.unique(raw, return_index=True)
+    rank = np.empty(len(raw_ids), dtype=np.int64)
+    rank[np.argsort(raw_first, kind="stable")] = np.arange(len(raw_ids))
+    gid = rank[np.searchsorted(raw_ids, raw)]
+    sizes = np.bincount(gid, minlength=len(raw_ids))
+    return np.split(order[np.argsort(gid, kind="stable")], np.cumsum(sizes)[:-1])
 
 
 def _act_members(ctx: WalkContext) -> list[tuple[str, str, None, int, np.ndarray]]:

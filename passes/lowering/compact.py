@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from compressc.perf import copy_sharing_tensors, release
 from compressc.artifact import TensorRecord, predict_size
 from compressc.errors import UserError
 from compressc.ir import Graph
@@ -98,9 +99,12 @@ def quant_spec(settings: LayerSettings, tensor: torch.Tensor) -> QuantSpec:
     return QuantSpec(bits=settings.bits, scheme=settings.scheme, channel_dim=0 if per_channel else None)
 
 
-def prepare(graph: Graph, plan: Plan) -> Prepared:
+def prepare(graph: Graph, plan: Plan, *, share_tensors: bool = False) -> Prepared:
     """Prune, fold BatchNorm, and fix each weight's quantizer and sparsity mask (from the pruned,
-    folded weights: folding rescales output channels, so masks are taken after it)."""
+    folded weights: folding rescales output channels, so masks are taken after it).
+
+    ``share_tensors=True``: the module shares the tensors the plan leaves whole with ``graph.module``
+    (for callers that only run it or read it: sensitivity measurement, size prediction)."""
     known = set(weight_tensors(graph.module))
     unknown = sorted(set(plan.layers) - known)
     if unknown:
@@ -109,9 +113,13 @@ def prepare(graph: Graph, plan: Plan) -> Prepared:
             hint="use names from compressc.plan.weight_tensors(graph.module), e.g. " + ", ".join(sorted(known)[:3]),
         )
     base, channels = removed_view(graph, plan.removed, plan.channels)
-    module = prune_channels(base, channels) if channels else copy.deepcopy(base.module)
+    if channels:
+        module = prune_channels(base, channels, share_tensors=share_tensors)
+    else:
+        module = copy_sharing_tensors(base.module) if share_tensors else copy.deepcopy(base.module)
     if plan.channels or plan.layers or plan.removed:  # an empty plan is the identity, bit for bit: nothing is folded
-        module = fold_batchnorm(module)
+        unfolded, module = module, fold_batchnorm(module, share_tensors=True)  # this call's own: no second copy
+        release(unfolded)  # it would hold the sliced tensors until the cyclic collector runs
     params = dict(module.named_parameters())
     specs: dict[str, QuantSpec] = {}
     masks: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
@@ -216,10 +224,11 @@ def _placeholder_record(name: str, t: torch.Tensor, spec: QuantSpec | None, mask
 
 def predict_bytes(graph: Graph, plan: Plan) -> int:
     """Exact size in bytes of the weights file ``lower(graph, plan).save(...)`` writes."""
-    prepared = prepare(graph, plan)
+    prepared = prepare(graph, plan, share_tensors=True)
     element_masks = prepared.element_masks()
     records = [
         _placeholder_record(name, t, prepared.specs.get(name), prepared.masks.get(name), element_masks.get(name))
         for name, t in prepared.module.state_dict().items()
     ]
+    release(prepared.module)  # a GraphModule waits for the cyclic collector: free its own tensors now
     return predict_size(records)

@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from compressc.ir import META_VALUE
+from compressc.perf import copy_sharing_tensors
 
 __all__ = ["fold_batchnorm", "foldable_batchnorms", "batchnorm_factor", "FoldBatchNormPass"]
 
@@ -43,13 +44,11 @@ def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         factor = batchnorm_factor(bn)
         beta = bn.bias if bn.affine else torch.zeros_like(factor)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-        layer.weight.copy_(layer.weight * factor.reshape(shape))
+        # new tensors, never written into the old ones: a copy that shares tensors stays safe
+        layer.weight = nn.Parameter(layer.weight * factor.reshape(shape), requires_grad=layer.weight.requires_grad)
         bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-        new_bias = (bias - bn.running_mean) * factor + beta
-        if layer.bias is None:
-            layer.bias = nn.Parameter(new_bias.clone())
-        else:
-            layer.bias.copy_(new_bias)
+        grad = layer.bias.requires_grad if layer.bias is not None else True
+        layer.bias = nn.Parameter((bias - bn.running_mean) * factor + beta, requires_grad=grad)
 
 
 def foldable_batchnorms(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
@@ -92,9 +91,14 @@ def batchnorm_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     return (bn.weight if bn.affine else torch.ones_like(std)) / std
 
 
-def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with every foldable BatchNorm (``foldable_batchnorms``) folded into the layer before it."""
-    gm = copy.deepcopy(gm)
+def fold_batchnorm(gm: fx.GraphModule, *, share_tensors: bool = False) -> fx.GraphModule:
+    """A copy of ``gm`` with every foldable BatchNorm (``foldable_batchnorms``) folded into the layer before it.
+
+    ``share_tensors=True``: the copy shares the tensors folding does not change with ``gm`` (no memory
+    for them; ``gm``'s tensors are never written either way); for callers that only run the copy, or
+    own ``gm``. Training the copy in place would then train ``gm``'s tensors too.
+    """
+    gm = copy_sharing_tensors(gm) if share_tensors else copy.deepcopy(gm)
     modules = dict(gm.named_modules())
     for src, node in foldable_batchnorms(gm):
         _fold_into(modules[src.target], modules[node.target])

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
+from compressc.perf import copy_sharing_tensors
 from compressc.ir import META_VALUE, Graph, TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ChannelAnalysis, analyze_channels
 from compressc.passes.analysis.channel_plan import ChannelPlan, InfeasiblePlanError, kept_mask, validate_plan
@@ -222,7 +223,7 @@ def _rewrite_node(node: fx.Node, analysis: ChannelAnalysis, keep: np.ndarray) ->
         _rewrite_getitem(node, x, spec, keep)
 
 
-def prune_channels(graph: Graph, plan: ChannelPlan) -> fx.GraphModule:
+def prune_channels(graph: Graph, plan: ChannelPlan, *, share_tensors: bool = False) -> fx.GraphModule:
     """Build a smaller module that keeps, for every group in ``plan``, the listed units.
 
     Parameters
@@ -231,6 +232,9 @@ def prune_channels(graph: Graph, plan: ChannelPlan) -> fx.GraphModule:
         From ``compressc.trace``; neither it nor the traced model is modified.
     plan : mapping of group id -> kept unit indices
         Groups not in the plan keep every channel. Keeping all units of a group is the identity.
+    share_tensors : bool
+        The new module shares the tensors pruning leaves whole with ``graph.module`` (no memory for
+        them; nothing is written into them). Training it in place would train those too.
 
     Returns
     -------
@@ -247,7 +251,7 @@ def prune_channels(graph: Graph, plan: ChannelPlan) -> fx.GraphModule:
     analysis = analyze_channels(graph)
     keep = analysis.keep_slots(validate_plan(analysis, plan))
     _check_nonempty(analysis, keep)
-    gm = copy.deepcopy(graph.module)
+    gm = copy_sharing_tensors(graph.module) if share_tensors else copy.deepcopy(graph.module)
     _slice_tensors(gm, analysis, keep)
     for node in gm.graph.nodes:
         if node.op == "call_module":
