@@ -1,8 +1,8 @@
 """N2N's two recurrent policies, and their file format (plain tensors, loadable across models).
 
-Both read the knobs in topological order, one step per knob, as feature vectors (:func:`knob_inputs`):
-the layer's features, the knob's kind and the budget's size relative to the model, nothing that
-depends on the number of layers. That is what lets a policy trained on one model warm-start the
+Both read the knobs in topological order (``problem.order``), one step per knob, as feature vectors
+(:func:`knob_inputs`): the layer's features (``LayerFeatures.vector()``), the knob's kind and the
+budget's size relative to the model, nothing that depends on the number of layers. That is what lets a policy trained on one model warm-start the
 search on another.
 
 - ``RemovalPolicy``: a bidirectional LSTM over the whole sequence; at each ``remove`` knob a logit,
@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from compressc.errors import UserError
-from compressc.search.problem import Budget, Problem
+from compressc.search.problem import Budget, LayerFeatures, Problem
 
-__all__ = ["RemovalPolicy", "ShrinkPolicy", "Policies", "knob_inputs", "knob_order", "FEATURE_DIM", "KINDS", "EXTRA", "FORMAT", "PolicyFileError"]
+__all__ = ["RemovalPolicy", "ShrinkPolicy", "Policies", "knob_inputs", "FEATURE_DIM", "KINDS", "EXTRA", "FORMAT", "PolicyFileError"]
 
 KINDS = ("keep", "bits", "sparsity", "remove")
 EXTRA = len(KINDS) + 2  # kind one-hot, log budget fraction, options count
@@ -56,46 +56,20 @@ class PolicyFileError(UserError):
     """A ``--policy-in`` file that is missing, not a policy, or made for other features."""
 
 
-FEATURE_DIM = 4
-
-
-def knob_order(problem: Problem) -> tuple[int, ...]:
-    """Knob indices in topological order: by the first weight tensor (in ``tensor_costs`` order)
-    the knob acts on, then kind; knobs acting on no listed tensor keep their index order, last."""
-    first: dict[int, int] = {}
-    for t, tc in enumerate(problem.tensor_costs):
-        for j in (*(k for k, _ in tc.out_keep), tc.bits_knob, tc.sparsity_knob, *tc.remove_knobs):
-            if j is not None:
-                first.setdefault(j, t)
-    n = len(problem.tensor_costs)
-    return tuple(sorted(range(len(problem.knobs)),
-                        key=lambda j: (first.get(j, n), KINDS.index(problem.knobs[j].kind), j)))
-
-
-def _layer_features(problem: Problem, order: Sequence[int]) -> np.ndarray:
-    """Per knob: log size and log MACs of the tensors it acts on, and its place in ``order``."""
-    numel = np.zeros(len(problem.knobs))
-    macs = np.zeros(len(problem.knobs))
-    for tc in problem.tensor_costs:
-        for j in {*(k for k, _ in tc.out_keep), tc.bits_knob, tc.sparsity_knob, *tc.remove_knobs} - {None}:
-            numel[j] += tc.numel
-            macs[j] += tc.macs
-    depth = np.empty(len(problem.knobs))
-    depth[list(order)] = np.linspace(0.0, 1.0, len(order)) if len(order) > 1 else 0.0
-    return np.stack([np.log1p(numel) / 16.0, np.log1p(macs) / 24.0, depth, (numel > 0).astype(float)], axis=1)
+FEATURE_DIM = LayerFeatures.SIZE
 
 
 def knob_inputs(problem: Problem, budget: Budget, order: Sequence[int]) -> torch.Tensor:
-    """One row per knob of ``order``: the layer's features, the knob's kind (one-hot), the budget's
+    """One row per knob of ``order`` (``problem.order``): its layer's features (``knob.features.vector()``),
+    the knob's kind (one-hot), the budget's
     log fraction of the uncompressed bytes (0 without a byte budget) and ``log2`` of its option count."""
     top = problem.bytes(problem.uncompressed())
     fraction = math.log(budget.bytes / top) / 10.0 if budget.bytes and top else 0.0
-    features = _layer_features(problem, order)
     rows = []
     for j in order:
         knob = problem.knobs[j]
         kind = [float(knob.kind == k) for k in KINDS]
-        rows.append(np.concatenate([features[j], kind, [fraction, math.log2(len(knob.options)) / 4.0]]))
+        rows.append(np.concatenate([knob.features.vector(), kind, [fraction, math.log2(len(knob.options)) / 4.0]]))
     return torch.as_tensor(np.asarray(rows, dtype=np.float32))
 
 

@@ -47,7 +47,7 @@ import torch
 from compressc.errors import UserError
 from compressc.plan import Plan
 from compressc.search.problem import Budget, Choice, Problem
-from compressc.solvers.n2n.policy import FEATURE_DIM, Policies, PolicyFileError, knob_inputs, knob_order
+from compressc.solvers.n2n.policy import FEATURE_DIM, Policies, PolicyFileError, knob_inputs
 
 __all__ = ["N2NSolver", "reward"]
 
@@ -138,7 +138,7 @@ class _Search:
     def __init__(self, solver: N2NSolver, problem: Problem, budget: Budget, seed: int) -> None:
         self.solver, self.problem, self.budget = solver, problem, budget
         self.policies = solver.policies
-        self.order = knob_order(problem)
+        self.order = problem.order
         self.x = knob_inputs(problem, budget, self.order)
         self.remove_at = [t for t, j in enumerate(self.order) if problem.knobs[j].kind == "remove"]
         self.shrink_at = [t for t, j in enumerate(self.order) if problem.knobs[j].kind != "remove"]
