@@ -16,8 +16,8 @@ returned the same plan.
     python benchmarks/digits_pareto.py --solvers --speedup 8KB --max-evaluations 60
 
 ``--allow-layer-removal`` lets every solver remove blocks (the note then names those removed);
-``--steps K`` has the score-based solvers score each candidate after ``K`` distillation steps (their
-``steps`` option)::
+``--steps K`` has the score-based solvers with a ``steps`` option (random, n2n) score each candidate
+after ``K`` distillation steps::
 
     python benchmarks/digits_pareto.py --solvers convex random n2n --sizes 8KB 4KB --epochs 2 \
         --max-evaluations 40 --steps 10 --allow-layer-removal

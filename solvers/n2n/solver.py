@@ -15,8 +15,8 @@ steps=steps)`` (``steps`` optimizer steps of distillation before evaluation) and
 
     R = C (2 - C) * A,    C = 1 - bytes(student) / bytes(teacher),    A = score / score(teacher)
 
-(``A = exp(score - score(teacher))`` when the teacher's score is not positive, as the data-free proxy's
-is). Each student has its own reward; REINFORCE with a moving-average baseline updates the policy of
+(``A = 1 / (1 + score(teacher) - score)`` when the teacher's score is not positive, as the data-free
+proxy's, minus a distance, is). Each student has its own reward; REINFORCE with a moving-average baseline updates the policy of
 the stage. The plan returned is the feasible student with the best score (the byte budget is the
 compression asked for; ties go to the earlier student). The search stops when the evaluator's budget
 is spent, or after ``samples`` students when it has no bound on evaluations. Without an evaluator the
@@ -57,20 +57,23 @@ LEVELS = np.linspace(-1.0, 2.0, 97)  # a student's compression level: offsets li
 
 
 def reward(student_bytes: int, teacher_bytes: int, score: float, teacher_score: float | None) -> float:
-    """N2N's reward ``C (2 - C) * A`` (module docstring); without a teacher score, ``A`` is the score
-    itself (or ``exp(score)`` when it is negative).
+    """N2N's reward ``C (2 - C) * A`` (module docstring): ``A = score / teacher_score`` for accuracies
+    (a positive teacher score), ``A = 1 / (1 + teacher_score - score)`` for distances (the data-free
+    proxy: minus a distance, 0 for the teacher); without a teacher score, the teacher counts as 1
+    (accuracy) or 0 (distance).
 
     >>> reward(100, 1000, 0.9, 1.0)   # 10x smaller, 90% of the teacher's accuracy
     0.891
-    >>> round(reward(100, 1000, -0.5, 0.0), 4)   # a distance-like score: 0.99 * exp(-0.5)
-    0.6005
+    >>> reward(100, 1000, -0.5, 0.0)  # 10x smaller, outputs off by a relative squared error of 0.5
+    0.66
     """
     c = 1.0 - student_bytes / teacher_bytes
-    if teacher_score is not None and teacher_score > 0:
+    if teacher_score is None:
+        teacher_score = 1.0 if score >= 0 else 0.0
+    if teacher_score > 0:
         a = max(score, 0.0) / teacher_score
     else:
-        base = 0.0 if teacher_score is None else teacher_score
-        a = score if teacher_score is None and score >= 0 else math.exp(min(score - base, 0.0))
+        a = 1.0 / (1.0 + max(teacher_score - score, 0.0))
     return round(c * (2.0 - c) * a, 12)
 
 
@@ -83,7 +86,7 @@ class N2NSolver:
     name: ClassVar[str] = "n2n"
     capabilities: ClassVar[frozenset[str]] = frozenset({"bytes", "flops", "score"})
 
-    def __init__(self, students: int = 4, steps: int = 10, samples: int = 64, lr: float = 0.01,
+    def __init__(self, students: int = 4, steps: int = 0, samples: int = 64, lr: float = 0.01,
                  removal_share: float = 0.5, policy_in: str | None = None, policy_out: str | None = None) -> None:
         for option, value, low in (("students", students, 1), ("steps", steps, 0), ("samples", samples, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
