@@ -31,7 +31,8 @@ def plot_curve(statistics: dict[str, Any], path: str | Path) -> None:
     best = [(p["evaluations"], p["best_reward"]) for p in curve if p["best_reward"] is not None]
     if best:
         ax.step(*zip(*best), where="post", color="black", label="best reward so far")
-    ax.axhline(-1.0, color="grey", linestyle=":", linewidth=1)
+    if statistics["over_budget"]:
+        ax.axhline(-1.0, color="grey", linestyle=":", linewidth=1, label="penalty (over budget)")
     ax.set_xlabel("evaluations" if statistics.get("teacher_score") is not None else "students")
     ax.set_ylabel("reward  C(2-C) * score / teacher  (-1: over budget)")
     ax.set_title(f"n2n: {statistics['updates']} policy updates, {statistics['students']} students, "

@@ -121,7 +121,8 @@ class N2NSolver:
         if problem.feasible(top, budget):
             self._stats = {"students": 0, "scored": 0, "over_budget": 0, "updates": 0, "curve": []}
             return problem.plan(top)
-        return _Search(self, problem, budget, seed).run()
+        plan, self._stats = _Search(self, problem, budget, seed).run()
+        return plan
 
     # -- the learning curve --------------------------------------------------------------------
     def plot(self, path: str | Path) -> None:
@@ -201,8 +202,9 @@ class _Search:
         return [tuple(int(b) for b in row) for row in bits.tolist()], logp
 
     # -- scoring and learning ------------------------------------------------------------------
-    def _score(self, choices: list[Choice]) -> list[float | None]:
-        """Scores of the feasible ``choices`` (None: over budget, or the evaluation budget is spent)."""
+    def _score(self, choices: list[Choice]) -> tuple[list[float | None], list[bool]]:
+        """Which ``choices`` fit the budget, and their scores (None: over budget, or the evaluation
+        budget is spent)."""
         problem, ev = self.problem, self.problem.evaluator
         feasible = [problem.feasible(c, self.budget) for c in choices]
         todo = [c for c, ok in zip(choices, feasible) if ok]
@@ -216,7 +218,8 @@ class _Search:
         it = iter(got)
         return [next(it) if ok else None for ok in feasible], feasible
 
-    def _learn(self, choices, logp, masks) -> list[float]:
+    def _learn(self, choices: list[Choice], logp: torch.Tensor, masks: list[tuple[int, ...]]) -> list[float]:
+        """Score the students, reward each, take one REINFORCE step; the rewards of those that got one."""
         scores, feasible = self._score(choices)
         rewards, used = [], []
         for i, (choice, score, ok) in enumerate(zip(choices, scores, feasible)):
@@ -252,7 +255,7 @@ class _Search:
         ev = self.problem.evaluator
         return self.counts["students"] if ev is None else ev.stats()["evaluations"] - start
 
-    def run(self) -> Plan:
+    def run(self) -> tuple[Plan, dict[str, Any]]:
         problem, solver, ev = self.problem, self.solver, self.problem.evaluator
         bounded = ev is not None and ev.budget.max_evaluations is not None
         total = ev.remaining if bounded else solver.samples
@@ -298,14 +301,14 @@ class _Search:
                            "mean_reward": None if not rewards else round(float(np.mean(rewards)), 6),
                            "best_reward": best, "over_budget": sum(r == PENALTY for r in rewards)})
 
-    def _finish(self) -> Plan:
+    def _finish(self) -> tuple[Plan, dict[str, Any]]:
         problem, solver = self.problem, self.solver
         if self.best is not None:
             choice = self.best[1]
         else:  # no student was scored: the removal policy's choice on the line, or the most compressed plan
             line = self._fit(self._best_mask(), np.zeros(len(self.shrink_at)))
             choice = line if problem.feasible(line, self.budget) else problem.most_compressed()
-        solver._stats = {
+        stats = {
             **self.counts, "updates": len(self.curve), "teacher_score": self.teacher,
             "best_score": None if self.best is None else self.best[0],
             "best_reward": None if self.best_reward is None else self.best_reward[0],
@@ -316,4 +319,4 @@ class _Search:
             self.policies.trained_on.append({"knobs": len(problem.knobs), "updates": len(self.curve),
                                              "budget_bytes": self.budget.bytes})
             self.policies.save(solver.policy_out)
-        return problem.plan(choice)
+        return problem.plan(choice), stats
