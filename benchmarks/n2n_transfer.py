@@ -4,8 +4,7 @@ The shallow teacher is ``tests/models.py``'s ``resnet_shallow`` (one residual bl
 deep one ``resnet_basic`` (two per stage: more layers, more removable blocks), both trained here for
 ``--train-epochs`` on the digits example's data (8x8 images repeated over 3 channels; a few seconds).
 Both are compressed to ``--target`` with layer removal allowed and scored by held-out accuracy after
-BatchNorm re-estimation (``steps=0``). (Untrained, the reference models are useless here: their
-outputs hardly depend on the residual branches, so removing every block looks free.)
+BatchNorm re-estimation (``steps=0``).
 
 1. Train: ``n2n`` on the shallow model, ``--source-evaluations`` evaluations, ``policy_out``.
 2. Per seed, on the deep model with ``--evaluations`` evaluations each: a cold search (fresh
@@ -15,7 +14,7 @@ outputs hardly depend on the residual branches, so removing every block looks fr
    the saving. Rewards are compared at the granularity of policy updates (``students`` evaluations).
 
     python benchmarks/n2n_transfer.py [--target 10%] [--evaluations 48] [--source-evaluations 96] [--seeds 0 1 2]
-        [--train-epochs 4]
+        [--train-epochs 4] [--no-fill]
 """
 
 from __future__ import annotations
@@ -85,6 +84,7 @@ def main() -> None:
     parser.add_argument("--source-evaluations", type=int, default=96)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-epochs", type=int, default=4)
+    parser.add_argument("--no-fill", action="store_true", help="students without the local search's filling")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -92,13 +92,14 @@ def main() -> None:
     print(f"held-out accuracy: resnet_shallow {evaluate(shallow):.4f}, resnet_basic {evaluate(deep):.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         policy = str(Path(tmp) / "shallow.pt")
-        source = search(shallow, args.target, args.source_evaluations, 0, policy_out=policy)
+        fill = not args.no_fill
+        source = search(shallow, args.target, args.source_evaluations, 0, policy_out=policy, fill=fill)
         print(f"policy trained on resnet_shallow: {source['updates']} updates, best reward "
               f"{source['best_reward']:.4f}, {source['seconds']:.0f} s")
         rows = []
         for seed in args.seeds:
-            cold = search(deep, args.target, args.evaluations, seed)
-            warm = search(deep, args.target, args.evaluations, seed, policy_in=policy)
+            cold = search(deep, args.target, args.evaluations, seed, fill=fill)
+            warm = search(deep, args.target, args.evaluations, seed, policy_in=policy, fill=fill)
             target = cold["best_reward"]
             rows.append((seed, target, reached(cold, target), reached(warm, target), warm["best_reward"],
                          cold["seconds"], warm["seconds"]))

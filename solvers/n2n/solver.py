@@ -6,8 +6,9 @@ Each policy update draws ``students`` candidate plans ("students" of the uncompr
    bidirectional LSTM over the knobs in topological order samples keep / remove for every removable
    block; the other knobs take the shrink policy's greedy action. Only the removal policy learns.
 2. **Shrinkage** (the rest): the blocks stay as the best student of stage 1 left them; an LSTM
-   samples a shrink position for every remaining knob (channels kept, bits, sparsity), mapped to the
-   nearest option. Only the shrink policy learns.
+   samples a shrink offset for every remaining knob (channels kept, bits, sparsity); the student
+   puts them at the least common level that fits the budget, nearest options taken, and (``fill``)
+   the shared local search spends the slack left. Only the shrink policy learns.
 
 A student over the budget (exact bytes and FLOPs) gets the paper's penalty, ``R = -1``, is never
 scored and never returned. The others are scored with ``problem.evaluator.score_many(plans,
@@ -46,6 +47,7 @@ import torch
 
 from compressc.errors import UserError
 from compressc.plan import Plan
+from compressc.search.local_search import LocalSearch
 from compressc.search.problem import Budget, Choice, Problem
 from compressc.solvers.n2n.policy import FEATURE_DIM, Policies, PolicyFileError, knob_inputs
 
@@ -87,7 +89,8 @@ class N2NSolver:
     capabilities: ClassVar[frozenset[str]] = frozenset({"bytes", "flops", "score"})
 
     def __init__(self, students: int = 4, steps: int = 0, samples: int = 64, lr: float = 0.01,
-                 removal_share: float = 0.5, policy_in: str | None = None, policy_out: str | None = None) -> None:
+                 removal_share: float = 0.5, fill: bool = True, policy_in: str | None = None,
+                 policy_out: str | None = None) -> None:
         for option, value, low in (("students", students, 1), ("steps", steps, 0), ("samples", samples, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise TypeError(f"{option} must be an integer >= {low}, got {value!r}")
@@ -96,7 +99,7 @@ class N2NSolver:
         if not isinstance(removal_share, (int, float)) or not 0 <= removal_share <= 1:
             raise TypeError(f"removal_share must be a number in [0, 1], got {removal_share!r}")
         self.students, self.steps, self.samples, self.lr = students, steps, samples, float(lr)
-        self.removal_share = float(removal_share)
+        self.removal_share, self.fill = float(removal_share), bool(fill)
         self.policy_in, self.policy_out = policy_in, policy_out
         self._loaded = None if policy_in is None else Policies.load(policy_in)  # a bad file fails now, before any work
         if self._loaded is not None and self._loaded.feature_dim != FEATURE_DIM:
@@ -156,6 +159,7 @@ class _Search:
         self.best_at: list[list[float]] = []
         self.curve: list[dict[str, Any]] = []
         self.counts = {"students": 0, "scored": 0, "over_budget": 0}
+        self.fillers: dict[tuple[int, ...], LocalSearch] = {}
 
     # -- students ------------------------------------------------------------------------------
     def _at(self, mask: tuple[int, ...], offsets: np.ndarray, level: float) -> Choice:
@@ -171,8 +175,9 @@ class _Search:
         return tuple(choice)
 
     def _fit(self, mask: tuple[int, ...], offsets: np.ndarray) -> Choice:
-        """The student at the least level that fits the budget; over it at the most compressed level
-        when none does (the blocks ``mask`` keeps are too many)."""
+        """The student at the least level that fits the budget, its slack then spent by the shared
+        local search (``fill``); over the budget at the most compressed level when no level fits (the
+        blocks ``mask`` keeps are too many)."""
         levels = LEVELS
         if self.problem.feasible(c := self._at(mask, offsets, levels[0]), self.budget):
             return c
@@ -182,7 +187,21 @@ class _Search:
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if self.problem.feasible(self._at(mask, offsets, levels[mid]), self.budget) else (mid, hi)
-        return self._at(mask, offsets, levels[hi])
+        choice = self._at(mask, offsets, levels[hi])
+        if not self.solver.fill:
+            return choice
+        filled = self._filler(mask).improve(choice)
+        return filled if self.problem.feasible(filled, self.budget) else choice
+
+    def _filler(self, mask: tuple[int, ...]) -> LocalSearch:
+        """The shared local search, with the blocks held as ``mask`` says (any other option of a
+        ``remove`` knob costs infinite distortion, so filling never undoes the removal policy)."""
+        if mask not in self.fillers:
+            table = [list(k.distortion) for k in self.problem.knobs]
+            for t_i, bit in zip(self.remove_at, mask):
+                table[self.order[t_i]] = [0.0 if i == bit else math.inf for i in range(2)]
+            self.fillers[mask] = LocalSearch.on(self.problem, self.budget, distortion=table)
+        return self.fillers[mask]
 
     def _students(self, masks: list[tuple[int, ...]], sample: bool) -> tuple[list[Choice], torch.Tensor]:
         """Shrink every student of ``masks`` (sampled, or greedily): choices and log-probabilities."""
