@@ -128,19 +128,21 @@ def test_policy_files_hold_plain_tensors_and_bad_ones_are_user_errors(tmp_path):
         get_solver("n2n", students=0)
 
 
-def test_cli_writes_the_policy_and_refuses_a_bad_one_before_any_output(tmp_path, monkeypatch):
+def test_cli_writes_the_policy_and_the_plot_and_refuses_a_bad_policy_before_any_output(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = tmp_path / "net.py"
     model.write_text(textwrap.dedent(TRAINABLE))
     runner = CliRunner()
     policy = tmp_path / "policy.pt"
     res = runner.invoke(main, [str(model), "--target-size", "30%", "--solver", "n2n", "--max-evaluations", "6",
-                               "--policy-out", str(policy), "--json", "-o", str(tmp_path / "out")])
+                               "--policy-out", str(policy), "--plot", str(tmp_path / "curve.png"), "--json",
+                               "-o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     stats = report["solver_statistics"]
     assert report["search"]["evaluations"] <= 6 and stats["curve"] and stats["policy_out"] == str(policy)
     assert report["weights_bytes"] <= report["target_bytes"] and Policies.load(policy).trained_on
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     bad = tmp_path / "bad.pt"
     bad.write_text("not a policy")
     res = runner.invoke(main, [str(model), "--target-size", "30%", "--solver", "n2n", "--policy-in", str(bad),
