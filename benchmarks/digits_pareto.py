@@ -14,6 +14,13 @@ returned the same plan.
     python benchmarks/digits_pareto.py [--sizes 200KB 50KB 20KB 8KB 4KB] [--epochs 10] [--markdown]
     python benchmarks/digits_pareto.py --solvers convex random ga --sizes 8KB 4KB --max-evaluations 200 --epochs 3
     python benchmarks/digits_pareto.py --solvers --speedup 8KB --max-evaluations 60
+
+``--allow-layer-removal`` lets every solver remove blocks (the note then names those removed);
+``--steps K`` has the score-based solvers with a ``steps`` option (random, n2n) score each candidate
+after ``K`` distillation steps::
+
+    python benchmarks/digits_pareto.py --solvers convex random n2n --sizes 8KB 4KB --epochs 2 \
+        --max-evaluations 40 --steps 10 --allow-layer-removal
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["200KB", "50KB", "20KB", "8KB", "4KB"])
     parser.add_argument("--solvers", nargs="*", default=["uniform", "greedy", "convex"])
-    parser.add_argument("--max-evaluations", type=int, default=40, help="for score-based solvers (random, ga)")
+    parser.add_argument("--max-evaluations", type=int, default=40, help="for score-based solvers (random, ga, n2n)")
+    parser.add_argument("--steps", type=int, help="score-based solvers: distillation steps before scoring a candidate")
+    parser.add_argument("--allow-layer-removal", action="store_true", help="every solver may remove blocks")
     parser.add_argument("--speedup", metavar="SIZE", help="time the ga search at SIZE: serial vs processes x2")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
@@ -66,15 +75,19 @@ def main() -> None:
             scored = "score" in get_solver(solver).capabilities
             try:
                 result = compressc.compile(
-                    digits.build_model(), (digits.example_input,), target_size=size, solver=solver,
+                    digits.build_model(), (digits.example_input,), target_size=size,
+                    solver=get_solver(solver, steps=args.steps) if scored and args.steps is not None else solver,
                     evaluate=digits.evaluate, train_loader=digits.train_loader,
                     calibration_loader=digits.calibration_loader, finetune_epochs=args.epochs, progress=False,
                     max_evaluations=args.max_evaluations if scored else None,
+                    allow_layer_removal=args.allow_layer_removal or None,
                 )
                 acc = result.report["compressed"]["accuracy"]
                 nbytes = result.report["weights_bytes"]
                 search = result.report.get("search") or {}
                 note = f"{search['evaluations']} evaluations, search {search['wall_s']:.0f} s" if search else ""
+                removed = ", ".join(result.report["plan"].get("removed", ()))
+                note += f"{'; ' if note else ''}removed {removed}" if removed else ""
             except compressc.UserError as e:
                 acc, nbytes, note = None, None, str(e).splitlines()[0]
             rows.append((size, solver, nbytes, acc, time.perf_counter() - t0, note))

@@ -146,6 +146,14 @@ def resnet_basic() -> Example:
     return _finish(ResNet(stages, 16, 64), _image())
 
 
+def resnet_shallow() -> Example:
+    """``resnet_basic`` with one block per stage (not in ``REFERENCE_MODELS``): the shallow teacher
+    of the n2n policy-transfer experiment (``benchmarks/n2n_transfer.py``)."""
+    torch.manual_seed(0)
+    stages = [[BasicBlock(16, 16)], [BasicBlock(16, 32, 2)], [BasicBlock(32, 64, 2)]]
+    return _finish(ResNet(stages, 16, 64), _image())
+
+
 def resnet_bottleneck() -> Example:
     torch.manual_seed(0)
     stages = [
