@@ -1,0 +1,1 @@
+"""The ``drl`` solver's parts: a DDPG actor-critic (``agent``)."""
