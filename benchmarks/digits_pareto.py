@@ -14,6 +14,7 @@ returned the same plan.
     python benchmarks/digits_pareto.py [--sizes 200KB 50KB 20KB 8KB 4KB] [--epochs 10] [--markdown]
     python benchmarks/digits_pareto.py --solvers convex random ga --sizes 8KB 4KB --max-evaluations 200 --epochs 3
     python benchmarks/digits_pareto.py --solvers --speedup 8KB --max-evaluations 60
+    python benchmarks/digits_pareto.py --solvers convex random drl --sizes 8KB 4KB --epochs 2 --max-evaluations 60
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["200KB", "50KB", "20KB", "8KB", "4KB"])
     parser.add_argument("--solvers", nargs="*", default=["uniform", "greedy", "convex"])
-    parser.add_argument("--max-evaluations", type=int, default=40, help="for score-based solvers (random, ga)")
+    parser.add_argument("--max-evaluations", type=int, default=40, help="for score-based solvers (random, ga, drl)")
     parser.add_argument("--speedup", metavar="SIZE", help="time the ga search at SIZE: serial vs processes x2")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")

@@ -1,11 +1,12 @@
 """A small DDPG actor-critic for one-dimensional actions in [0, 1], written with torch.
 
 ``DDPGAgent`` holds an actor ``mu(s) -> [0, 1]`` (sigmoid output), a critic ``Q(s, a)``, their target
-copies (soft-updated with rate ``tau``), a replay buffer of transitions and running statistics of the
-episode rewards. Rewards arrive once per episode (the score of the episode's plan); every step of an
-episode gets a transition whose reward is 0 except on the last step, which gets the episode's reward,
-normalised by the running mean and standard deviation when sampled (so the learning rates need no
-retuning between a score in [0, 1] and one in the thousands). The critic regresses
+copies (soft-updated with rate ``tau``), a replay buffer of transitions and the episode rewards seen.
+Rewards arrive once per episode (the score of the episode's plan); every step of an episode gets a
+transition whose reward is 0 except on the last step, which gets the episode's reward, normalised
+when sampled by its rank among all episode rewards so far (``rank_normalise``: the learning rates need
+no retuning between a score in [0, 1] and one in the thousands, and a few disastrous episodes do not
+flatten the differences between good ones). The critic regresses
 ``r + gamma * Q'(s', mu'(s'))`` (``gamma = 1``: the episode's reward is all that counts); the actor
 ascends ``Q(s, mu(s))``. Exploration is a truncated normal around ``mu(s)`` on [0, 1] whose width the
 caller sets per episode.
@@ -40,7 +41,7 @@ import torch
 from scipy.stats import truncnorm
 from torch import nn
 
-__all__ = ["DDPGAgent", "ReplayBuffer", "RunningStats"]
+__all__ = ["DDPGAgent", "ReplayBuffer", "rank_normalise"]
 
 
 @contextlib.contextmanager
@@ -60,28 +61,18 @@ def _mlp(inputs: int, hidden: int, out: nn.Module | None = None) -> nn.Sequentia
     return nn.Sequential(*layers, *([out] if out is not None else []))
 
 
-class RunningStats:
-    """Mean and standard deviation of a stream of numbers (Welford).
+def rank_normalise(rewards: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Each reward's place among the episode rewards ``seen`` so far, in [-1/2, 1/2]: the share it
+    beats (ties count half) minus one half. Invariant to any increasing transform of the score, so a
+    few disastrous episodes (heavy tails) do not squash the differences between good ones.
 
-    >>> s = RunningStats()
-    >>> for x in (1.0, 2.0, 3.0):
-    ...     s.add(x)
-    >>> s.mean, round(s.std, 4)
-    (2.0, 0.8165)
+    >>> rank_normalise(np.array([1.0, 5.0, -100.0]), np.array([-100.0, 1.0, 2.0, 5.0])).tolist()
+    [-0.125, 0.375, -0.375]
     """
-
-    def __init__(self) -> None:
-        self.count, self.mean, self._m2 = 0, 0.0, 0.0
-
-    def add(self, x: float) -> None:
-        self.count += 1
-        delta = x - self.mean
-        self.mean += delta / self.count
-        self._m2 += delta * (x - self.mean)
-
-    @property
-    def std(self) -> float:
-        return float(np.sqrt(self._m2 / self.count)) if self.count else 0.0
+    seen = np.sort(seen)
+    below = np.searchsorted(seen, rewards, side="left")
+    upto = np.searchsorted(seen, rewards, side="right")
+    return ((below + upto) / 2.0) / len(seen) - 0.5
 
 
 class ReplayBuffer:
@@ -127,7 +118,7 @@ class DDPGAgent:
         self._pairs = ([*self.actor_target.parameters(), *self.critic_target.parameters()],
                        [*self.actor.parameters(), *self.critic.parameters()])
         self.buffer = ReplayBuffer(state_dim)
-        self.rewards = RunningStats()
+        self.rewards: list[float] = []  # every episode's reward, for the normalisation
 
     def act(self, state: np.ndarray, noise: float) -> float:
         """``mu(state)`` plus truncated-normal noise of width ``noise``, within [0, 1]."""
@@ -140,7 +131,7 @@ class DDPGAgent:
 
     def remember(self, steps: Sequence[tuple[np.ndarray, float]], reward: float) -> None:
         """Store one episode: its ``(state, action taken)`` pairs in order and its reward."""
-        self.rewards.add(float(reward))
+        self.rewards.append(float(reward))
         for t, (state, action) in enumerate(steps):
             last = t == len(steps) - 1
             nxt = state if last else steps[t + 1][0]
@@ -151,11 +142,12 @@ class DDPGAgent:
         (none until the buffer holds a batch)."""
         if self.buffer.size < min(self.batch_size, 8) or n <= 0:
             return 0
-        scale = self.rewards.std if self.rewards.std > 1e-8 else 1.0
+        seen = np.asarray(self.rewards)
         with _one_thread():
             for _ in range(n):
-                s, a, r, s2, done = (torch.as_tensor(x) for x in self.buffer.sample(self.batch_size, self.rng))
-                r = torch.where(done > 0, (r - self.rewards.mean) / scale, r)
+                batch = list(self.buffer.sample(self.batch_size, self.rng))
+                batch[2] = np.where(batch[4] > 0, rank_normalise(batch[2], seen), 0.0).astype(np.float32)
+                s, a, r, s2, done = (torch.as_tensor(x) for x in batch)
                 with torch.no_grad():
                     q_next = self.critic_target(torch.cat([s2, self.actor_target(s2)], 1))[:, 0]
                     target = r + self.gamma * (1.0 - done) * q_next
