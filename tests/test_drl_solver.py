@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compressc
+import compressc.solvers.convex
 from compressc.cli import main
 from compressc.errors import UserError
 from compressc.plan import Plan
@@ -145,7 +146,7 @@ def test_the_agent_learns():
         budget = _budget(problem, 0.3)
         row_last, row_best = [], []
         for updates in (2, 0):
-            solver = DRLSolver(stages="joint", episodes=48, updates=updates, hidden=32)
+            solver = DRLSolver(stages="joint", episodes=48, updates=updates, hidden=32, prior="none")
             solver.solve(problem, budget, np.random.default_rng(seed))
             rewards = solver.statistics()["curve"]["reward"]
             row_last.append(np.mean(rewards[-12:]))
@@ -158,16 +159,34 @@ def test_the_agent_learns():
 
 
 def test_beats_random_at_equal_episodes_on_problems_with_a_known_optimum():
-    """Objective over the exact optimum (MILP), summed over problems: drl's is the smaller."""
+    """Objective over the exact optimum (MILP), summed over problems: drl's is the smaller (the agent
+    alone: no prior plan to start from)."""
     drl, rnd = [], []
     for seed in range(4):
         problem = coupled_problem(300 + seed, 6)
         budget = _budget(problem, 0.3)
         optimum = exact_optimum(problem, budget)[1]
-        for solver, out in ((DRLSolver(episodes=48, hidden=32), drl), (RandomSolver(samples=48), rnd)):
+        for solver, out in ((DRLSolver(episodes=48, hidden=32, prior="none"), drl), (RandomSolver(samples=48), rnd)):
             plan = solver.solve(problem, budget, np.random.default_rng(seed))
             out.append(problem.objective(problem.choice_of(plan)) / optimum)
     assert sum(drl) < sum(rnd), (drl, rnd)
+
+
+@pytest.mark.parametrize("stages", ["prune,quantize", "joint"])
+def test_the_first_episode_replays_the_prior_and_the_result_scores_no_worse(stages):
+    problem = coupled_problem(21, 5, overhead=True)
+    budget = _budget(problem, 0.25)
+    prior = compressc.solvers.convex.ConvexSolver().solve(problem, budget, np.random.default_rng(0))
+    seen: list[Plan] = []
+
+    def score(plan: Plan) -> float:  # a score the additive objective does not predict
+        seen.append(plan)
+        return -float(sum(len(v) % 3 for v in plan.channels.values())) - 0.01 * problem.objective(problem.choice_of(plan))
+
+    problem.evaluator = Evaluator.from_function(score, budget=SearchBudget(max_evaluations=16))
+    plan = DRLSolver(stages=stages, round_size=4, hidden=16).solve(problem, budget, np.random.default_rng(1))
+    assert seen[0] == prior
+    assert score(plan) >= score(prior)
 
 
 # -- statistics, plot, options, CLI ----------------------------------------------------------------------
@@ -205,7 +224,8 @@ def test_plot_before_any_episode_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("options", [{"stages": "quantize"}, {"episodes": 0}, {"warmup": 1.5}, {"round_size": 2.0},
-                                     {"noise": -1}, {"flops_weight": True}])
+                                     {"noise": -1}, {"flops_weight": True},
+                                     {"prior": "uniform"}])
 def test_bad_options_are_solver_errors(options):
     with pytest.raises(SolverError, match="solver 'drl' does not take"):
         get_solver("drl", **options)

@@ -11,14 +11,19 @@ clamped so that the remaining knobs at their most compressed options still meet 
 An episode's reward is its plan's score, ``problem.evaluator.score(plan, steps=0)`` (BatchNorm
 re-estimated, no fine-tuning), minus ``flops_weight`` times its FLOPs as a fraction of the
 uncompressed model's in stage 1; without an evaluator (toy problems) the score is minus the additive
-objective. Episodes run in rounds of ``round_size`` with one policy, scored together with
+objective. The first episode of each stage is a demonstration (DDPG from demonstrations): the
+``prior`` solver's plan (``convex`` by default; ``greedy``, or ``none``) replayed through the same
+clamp, and in stage 2 also stage 1's best plan; they enter the replay memory like any episode, so
+the agent starts from the sensitivity-guided answer and explores around it. Episodes run in rounds
+of ``round_size`` with one policy, scored together with
 ``score_many`` (in parallel on the executor); the agent learns between rounds. The first ``warmup`` of
 each stage's episodes take uniformly random actions; after them, exploration is truncated-normal
 noise shrinking geometrically from ``noise`` to ``noise_final``. The solver returns the best-rewarded
 plan it scored; ties go to the earlier episode.
 
 Episodes: with ``--max-evaluations`` the stages share the evaluator's budget (half each; cache hits
-are free), else ``episodes`` in all (half each); with only a ``--time-limit`` stage 1 stops at half of it.
+are free; a stage whose last three rounds were all cache hits has collapsed and stops), else
+``episodes`` in all (half each); with only a ``--time-limit`` stage 1 stops at half of it.
 
 >>> from compressc.search.problem import Budget, Problem
 >>> p = Problem.from_table(options=[(32, 8, 4, 2)] * 3, distortion=[(0, .1, .2, .9)] * 3,
@@ -44,9 +49,10 @@ from compressc.search.problem import Budget, Choice, Problem
 from compressc.solvers.drl.agent import DDPGAgent
 from compressc.solvers.drl.walk import Episode, Stage, Walk, joint_stage, prune_stage, quantize_stage
 
-__all__ = ["DRLSolver", "STAGES"]
+__all__ = ["DRLSolver", "STAGES", "PRIORS"]
 
 STAGES = ("prune,quantize", "joint")
+PRIORS = ("convex", "greedy", "none")
 
 
 class DRLSolver:
@@ -55,16 +61,19 @@ class DRLSolver:
     stage's episodes with random actions), ``round_size`` (episodes per ``score_many`` batch),
     ``hidden`` (width of the networks' two hidden layers), ``noise`` / ``noise_final`` (exploration
     width after warm-up, first and last), ``updates`` (gradient steps per transition stored),
-    ``flops_weight`` (stage 1's reward: score minus this times the FLOPs fraction)."""
+    ``flops_weight`` (stage 1's reward: score minus this times the FLOPs fraction), ``prior`` (the
+    solver whose plan the first episodes replay: ``convex``, ``greedy`` or ``none``)."""
 
     name: ClassVar[str] = "drl"
     capabilities: ClassVar[frozenset[str]] = frozenset({"bytes", "flops", "score"})
 
     def __init__(self, stages: str = "prune,quantize", episodes: int = 120, warmup: float = 0.25,
                  round_size: int = 8, hidden: int = 64, noise: float = 0.5, noise_final: float = 0.05,
-                 updates: int = 2, flops_weight: float = 0.0) -> None:
+                 updates: int = 2, flops_weight: float = 0.0, prior: str = "convex") -> None:
         if stages not in STAGES:
             raise TypeError(f"stages must be one of {', '.join(repr(s) for s in STAGES)}, got {stages!r}")
+        if prior not in PRIORS:
+            raise TypeError(f"prior must be one of {', '.join(repr(s) for s in PRIORS)}, got {prior!r}")
         for option, value, low in (("episodes", episodes, 1), ("round_size", round_size, 1), ("hidden", hidden, 1),
                                    ("updates", updates, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -75,7 +84,7 @@ class DRLSolver:
                 raise TypeError(f"{option} must be a number in [{lo}, {hi}], got {value!r}")
         self.stages, self.episodes, self.warmup, self.round_size = stages, episodes, float(warmup), round_size
         self.hidden, self.noise, self.noise_final, self.updates = hidden, float(noise), float(noise_final), updates
-        self.flops_weight = float(flops_weight)
+        self.flops_weight, self.prior = float(flops_weight), prior
         self._stats: dict[str, Any] = {}
 
     # -- results ---------------------------------------------------------------------------------
@@ -104,14 +113,16 @@ class DRLSolver:
         self._t0 = time.perf_counter()
         self._top_flops = max(1, problem.flops(top)) if self.flops_weight else 1
         plans: list[Stage | None] = [joint_stage(problem)] if self.stages == "joint" else [prune_stage(problem), None]
+        self._demos: list[Choice] = [] if self.prior == "none" else [self._prior(problem, budget)]
         console = Console(stderr=True)
         bar = Progress(TextColumn("drl {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=console,
                        disable=not console.is_terminal, redirect_stdout=False, redirect_stderr=False, transient=True)
         with bar:
             for k, stage in enumerate(plans):
-                if stage is None:  # stage 2 starts from stage 1's best channels and sparsity
+                if stage is None:  # stage 2 starts from stage 1's best channels, sparsity and bits
                     stage = quantize_stage(problem, self._best[1] if self._best else plans[0].floor(problem))
+                    self._demos = ([self._best[1]] if self._best else []) + self._demos
                 if not stage.knobs:
                     continue
                 share, last = self._share(problem, k, [p for p in plans[k:] if p is None or p.knobs])
@@ -122,6 +133,14 @@ class DRLSolver:
         if self._best is None:  # nothing was scored (no evaluation left): the floor fits by contract
             return problem.plan(problem.most_compressed())
         return problem.plan(self._best[1])
+
+    def _prior(self, problem: Problem, budget: Budget) -> Choice:
+        """The prior solver's plan, as a choice: each stage's first episodes replay it (and stage 2 the
+        stage-1 best), so the agent starts from the sensitivity-guided answer and explores around it."""
+        from compressc.solvers.base import get_solver
+
+        choice = problem.choice_of(get_solver(self.prior).solve(problem, budget, np.random.default_rng(0)))
+        return choice if choice is not None else problem.most_compressed()
 
     def _share(self, problem: Problem, k: int, ahead: list) -> tuple[int, bool]:
         """Episodes (or evaluations, with an evaluator bounded in them) stage ``k`` may use, and whether
@@ -144,15 +163,18 @@ class DRLSolver:
         warm = int(math.ceil(self.warmup * share))
         self._stats["stages"].append({"name": stage.name, "knobs": len(stage.knobs), "warmup": warm, "episodes": 0})
         task = bar.add_task("drl", total=share, stage=stage.name, best="-")
-        done = episodes = 0
+        done = episodes = stalled = 0
         start_evaluations = ev.stats()["evaluations"] if ev is not None else 0
-        while done < share and episodes < 4 * share:
+        while done < share and episodes < 4 * share and stalled < 3:
             if ev is not None and ev.exhausted or deadline is not None and time.perf_counter() >= deadline:
                 break
             batch: list[tuple[Episode, bool]] = []
             for _ in range(min(self.round_size, share - done)):
                 k = done + len(batch)  # in evaluations when they are counted: repeated plans do not shrink the noise
                 random_actions = k < warm
+                if episodes + len(batch) < len(self._demos):
+                    batch.append((walk.replay(self._demos[episodes + len(batch)]), True))
+                    continue
                 if random_actions:
                     policy = lambda state: float(rng.uniform())  # noqa: E731
                 else:
@@ -169,7 +191,8 @@ class DRLSolver:
                 agent.remember(episode.steps, reward)
                 added += len(episode.steps)
             episodes += len(batch)
-            done = (ev.stats()["evaluations"] - start_evaluations) if counts_evaluations else episodes
+            before, done = done, (ev.stats()["evaluations"] - start_evaluations) if counts_evaluations else episodes
+            stalled = stalled + 1 if done == before else 0  # rounds of plans the cache already knew: a collapsed stage
             if done >= warm:
                 agent.update(self.updates * added)
             bar.update(task, completed=min(done, share),

@@ -155,7 +155,7 @@ class Walk:
                 return i
         raise AssertionError("unreachable: the knob's current (floor) option keeps the prefix feasible")
 
-    def run(self, policy: Callable[[np.ndarray], float]) -> Episode:
+    def run(self, policy: Callable[[np.ndarray], float], demo: Sequence[int] | None = None) -> Episode:
         problem = self.problem
         choice = list(self.floor)
         removal = any(problem.knobs[j].kind == "remove" for j in self.stage.knobs)
@@ -165,11 +165,22 @@ class Walk:
             if removal and j in problem.moot(choice):  # inside a block an earlier action removed
                 continue
             state = self._state(t, choice, previous)
-            i = self._clamp(choice, j, float(np.clip(policy(state), 0.0, 1.0)))
+            proposal = policy(state) if demo is None else self.levels[j][int(demo[j])]
+            i = self._clamp(choice, j, float(np.clip(proposal, 0.0, 1.0)))
             choice[j] = i
             previous = float(self.levels[j][i])
             steps.append((state, previous))
+        if demo is not None and self.stage.fill:  # the demonstration's own fill, when it fits
+            shown = [int(demo[j]) if j in self.stage.fill else i for j, i in enumerate(choice)]
+            if problem.feasible(shown, self.budget):
+                return Episode(tuple(shown), tuple(steps))
         return Episode(self._fill(choice), tuple(steps))
+
+    def replay(self, choice: Sequence[int]) -> Episode:
+        """A demonstration: the episode whose proposals are ``choice``'s options (and whose fill is
+        ``choice``'s, when that fits). The same clamp applies, so it reproduces ``choice`` whenever each
+        prefix leaves the rest room (always, when costs grow with every option)."""
+        return self.run(lambda state: 0.0, demo=choice)
 
     def _fill(self, choice: list[int]) -> Choice:
         """The fill knobs at the least compressed uniform level that fits (bisection over the distinct
