@@ -118,7 +118,7 @@ def test_the_same_seed_gives_the_same_search(stages):
     assert other.statistics()["curve"] != runs[0][1]
 
 
-def test_serial_and_processes_give_the_same_plan():
+def test_serial_and_processes_give_the_same_plan(tmp_path):
     """The agent runs in the compiling process; scores do not depend on the executor, so neither do the
     episodes or the plan (one pool of two spawned workers)."""
     kwargs = dict(target_size="40%", solver=DRLSolver(episodes=12, round_size=6, hidden=16), evaluate=sm.evaluate,
@@ -129,6 +129,8 @@ def test_serial_and_processes_give_the_same_plan():
     assert serial.plan == pooled.plan
     assert serial.report["solver_statistics"]["curve"] == pooled.report["solver_statistics"]["curve"]
     assert pooled.report["search"]["evaluations"] <= 12
+    pooled.plot(tmp_path / "curve.png")  # what --plot calls: the learning curves of the search that ran
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
 
 
 # -- learning -------------------------------------------------------------------------------------------
