@@ -41,8 +41,6 @@ import time
 from typing import Any, ClassVar
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compressc.plan import Plan
 from compressc.search.problem import Budget, Choice, Problem
@@ -114,21 +112,16 @@ class DRLSolver:
         self._top_flops = max(1, problem.flops(top)) if self.flops_weight else 1
         plans: list[Stage | None] = [joint_stage(problem)] if self.stages == "joint" else [prune_stage(problem), None]
         self._demos: list[Choice] = [] if self.prior == "none" else [self._prior(problem, budget)]
-        console = Console(stderr=True)
-        bar = Progress(TextColumn("drl {task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), console=console,
-                       disable=not console.is_terminal, redirect_stdout=False, redirect_stderr=False, transient=True)
-        with bar:
-            for k, stage in enumerate(plans):
-                if stage is None:  # stage 2 starts from stage 1's best channels, sparsity and bits
-                    stage = quantize_stage(problem, self._best[1] if self._best else plans[0].floor(problem))
-                    self._demos = ([self._best[1]] if self._best else []) + self._demos
-                if not stage.knobs:
-                    continue
-                share, last = self._share(problem, k, [p for p in plans[k:] if p is None or p.knobs])
-                if share <= 0:
-                    break
-                self._run_stage(problem, budget, stage, share, last, rng, bar)
+        for k, stage in enumerate(plans):
+            if stage is None:  # stage 2 starts from stage 1's best channels, sparsity and bits
+                stage = quantize_stage(problem, self._best[1] if self._best else plans[0].floor(problem))
+                self._demos = ([self._best[1]] if self._best else []) + self._demos
+            if not stage.knobs:
+                continue
+            share, last = self._share(problem, k, [p for p in plans[k:] if p is None or p.knobs])
+            if share <= 0:
+                break
+            self._run_stage(problem, budget, stage, share, last, rng)
         self._stats["best_reward"] = None if self._best is None else self._best[0]
         if self._best is None:  # nothing was scored (no evaluation left): the floor fits by contract
             return problem.plan(problem.most_compressed())
@@ -152,7 +145,7 @@ class DRLSolver:
         return (max(1, left // stages_left) if stages_left > 1 else left), stages_left == 1
 
     def _run_stage(self, problem: Problem, budget: Budget, stage: Stage, share: int, last: bool,
-                   rng: np.random.Generator, bar: Progress) -> None:
+                   rng: np.random.Generator) -> None:
         ev = problem.evaluator
         counts_evaluations = ev is not None and ev.budget.max_evaluations is not None
         deadline = None
@@ -162,7 +155,6 @@ class DRLSolver:
         agent = DDPGAgent(walk.state_dim, rng, hidden=self.hidden)
         warm = int(math.ceil(self.warmup * share))
         self._stats["stages"].append({"name": stage.name, "knobs": len(stage.knobs), "warmup": warm, "episodes": 0})
-        task = bar.add_task("drl", total=share, stage=stage.name, best="-")
         done = episodes = stalled = 0
         start_evaluations = ev.stats()["evaluations"] if ev is not None else 0
         while done < share and episodes < 4 * share and stalled < 3:
@@ -195,12 +187,9 @@ class DRLSolver:
             stalled = stalled + 1 if done == before else 0  # rounds of plans the cache already knew: a collapsed stage
             if done >= warm:
                 agent.update(self.updates * added)
-            bar.update(task, completed=min(done, share),
-                       best="-" if self._best is None else f"{self._stats['best_score']:.4g}")
             if all(s is None for s in scores):
                 break
         self._stats["stages"][-1]["episodes"] = episodes
-        bar.remove_task(task)
 
     def _score(self, problem: Problem, choices: list[Choice]) -> list[float | None]:
         if problem.evaluator is None:
