@@ -21,6 +21,10 @@ after ``K`` distillation steps::
 
     python benchmarks/digits_pareto.py --solvers convex random n2n --sizes 8KB 4KB --epochs 2 \
         --max-evaluations 40 --steps 10 --allow-layer-removal
+
+or, for the DRL agent::
+
+    python benchmarks/digits_pareto.py --solvers convex random drl --sizes 8KB 4KB --epochs 2 --max-evaluations 60
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["200KB", "50KB", "20KB", "8KB", "4KB"])
     parser.add_argument("--solvers", nargs="*", default=["uniform", "greedy", "convex"])
-    parser.add_argument("--max-evaluations", type=int, default=40, help="for score-based solvers (random, ga, n2n)")
+    parser.add_argument("--max-evaluations", type=int, default=40, help="for score-based solvers (random, ga, drl, n2n)")
     parser.add_argument("--steps", type=int, help="score-based solvers: distillation steps before scoring a candidate")
     parser.add_argument("--allow-layer-removal", action="store_true", help="every solver may remove blocks")
     parser.add_argument("--speedup", metavar="SIZE", help="time the ga search at SIZE: serial vs processes x2")

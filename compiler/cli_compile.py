@@ -72,13 +72,15 @@ def default_output_dir(model_file: Path) -> Path:
 @click.option("--policy-in", type=click.Path(path_type=Path),
               help="n2n: warm-start its policies from a file --policy-out wrote (any model).")
 @click.option("--policy-out", type=click.Path(path_type=Path), help="n2n: save its trained policies to this file.")
+@click.option("--drl-stages", type=click.Choice(["prune,quantize", "joint"]),
+              help="--solver drl: channels and sparsity, then bits (prune,quantize) or all at once (joint).")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of the summary.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def compile_command(model_file: Path, target_size, target_flops, max_accuracy_drop, output, solver, spec_file,
                     finetune_epochs, seed, device, threads, best_effort: bool, allow_layer_removal, prune_norm_width,
                     max_evaluations, time_limit, executor, workers, ray_address, devices, plot_path,
-                    dump_ir: Path | None, frontend, emit_front, resume: bool, policy_in, policy_out, as_json: bool,
-                    force: bool) -> None:
+                    dump_ir: Path | None, frontend, emit_front, resume: bool, policy_in, policy_out, drl_stages,
+                    as_json: bool, force: bool) -> None:
     """Compress MODEL.py to a target and write the compact model (model.py + weights + report.json)."""
     import torch
 
@@ -96,6 +98,11 @@ def compile_command(model_file: Path, target_size, target_flops, max_accuracy_dr
                  "solver_options": {k: str(v) for k, v in (("policy_in", policy_in), ("policy_out", policy_out))
                                     if v is not None} or None}
     spec = spec.merged({k: v for k, v in overrides.items() if v is not None})
+    if drl_stages is not None:
+        if spec.solver != "drl":
+            raise UserError(f"--drl-stages applies to the drl solver, not {spec.solver!r}",
+                            hint="add --solver drl, or drop --drl-stages")
+        spec = spec.merged({"solver_options": {"stages": drl_stages}})
     if not spec.has_target:
         raise UserError("no target given", hint="add --target-size 4MB (or --target-flops / --max-accuracy-drop, or a spec file)")
     out = output if output is not None else default_output_dir(model_file)

@@ -38,7 +38,7 @@ def _declared(extras: tuple[str, ...] = ()) -> set[str]:
 
 
 # Extras whose packages the library imports only where they are used (the ray executor, compressc.testing,
-# the ga solver's plot).
+# the solvers' plot methods).
 LIBRARY_EXTRAS = ("ray", "testing", "plot")
 
 

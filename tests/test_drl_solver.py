@@ -1,0 +1,252 @@
+"""The ``drl`` solver: the shipped conformance suites (bytes, FLOPs, score), every episode feasible by
+construction (property), the replay memory holding the actions taken, determinism (seed, executors),
+learning (against the same agent with learning switched off), beating ``random`` at equal episodes on
+problems whose optimum is known, the learning-curve plot and the CLI flag."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import compressc
+import compressc.solvers.convex
+from compressc.cli import main
+from compressc.errors import UserError
+from compressc.plan import Plan
+from compressc.search import Evaluator, SearchBudget
+from compressc.search.problem import Budget, Problem
+from compressc.solvers.base import SolverError, get_solver
+from compressc.solvers.drl import DRLSolver
+from compressc.solvers.drl.walk import Walk, joint_stage, option_levels, prune_stage, quantize_stage
+from compressc.solvers.milp import exact_optimum
+from compressc.solvers.random_search import RandomSolver
+from compressc.testing import FlopsConformance, ScoreConformance, SolverConformance, coupled_problem
+
+from . import search_models as sm
+
+
+class TestDRL(SolverConformance, FlopsConformance, ScoreConformance):
+    solver_factory = staticmethod(lambda: DRLSolver(episodes=12, round_size=4, updates=1, hidden=16))
+
+
+def _budget(problem: Problem, q_bytes: float, q_flops: float | None = None) -> Budget:
+    top, floor = problem.uncompressed(), problem.most_compressed()
+    nbytes = int(problem.bytes(floor) + q_bytes * (problem.bytes(top) - problem.bytes(floor)))
+    flops = None if q_flops is None else int(problem.flops(floor) + q_flops * (problem.flops(top) - problem.flops(floor)))
+    return Budget(bytes=nbytes, flops=flops)
+
+
+# -- feasible by construction ---------------------------------------------------------------------------
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n_layers=st.integers(2, 6), q_bytes=st.floats(0.0, 1.0),
+       q_flops=st.none() | st.floats(0.0, 1.0), sparsity=st.booleans(), rules=st.booleans(),
+       removal=st.booleans(), stages=st.sampled_from(["prune,quantize", "joint"]))
+def test_every_episode_fits_without_repair(seed, n_layers, q_bytes, q_flops, sparsity, rules, removal, stages):
+    """Every plan the solver scores (each episode's, as the walk left it) fits the exact byte and FLOPs
+    budget: the evaluator sees them all and checks each."""
+    problem = coupled_problem(seed, n_layers, sparsity=sparsity, rules=rules, overhead=True, removal=removal)
+    budget = _budget(problem, q_bytes, q_flops)
+    over: list[Plan] = []
+
+    def score(plan: Plan) -> float:
+        choice = problem.choice_of(plan)
+        if choice is None or not problem.feasible(choice, budget):
+            over.append(plan)
+        return float(problem.bytes_of(plan))
+
+    problem.evaluator = Evaluator.from_function(score)
+    solver = DRLSolver(stages=stages, episodes=10, round_size=5, updates=1, hidden=8)
+    solver.solve(problem, budget, np.random.default_rng(seed))
+    assert not over, f"{len(over)} episodes over budget {budget}"
+    scored = solver.statistics()["episodes"]
+    assert scored == 0 or scored == problem.evaluator.stats()["evaluations"] + problem.evaluator.stats()["cache_hits"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), q=st.floats(0.0, 1.0), proposals=st.lists(st.floats(0.0, 1.0), min_size=1))
+def test_the_walk_stays_feasible_and_remembers_the_action_taken(seed, q, proposals):
+    """Whatever the policy proposes, each step's stored action is the level of the option taken, and
+    the prefix with the rest at its most compressed options fits after every step."""
+    problem = coupled_problem(seed, 5, overhead=True, removal=True)
+    budget = _budget(problem, q)
+    walk = Walk(problem, budget, joint_stage(problem))
+    it = iter(proposals * 50)
+    episode = walk.run(lambda state: next(it))
+    assert problem.feasible(episode.choice, budget)
+    taken = {float(option_levels(problem.knobs[j])[episode.choice[j]]) for j in walk.stage.knobs}
+    assert all(any(abs(a - t) < 1e-6 for t in taken) for _, a in episode.steps)
+    assert all(s.shape == (walk.state_dim,) for s, _ in episode.steps)
+
+
+def test_a_clamped_action_is_stored_as_clamped():
+    """AMC stores the action it proposed; the walk stores the level of the option the budget allowed."""
+    p = Problem.from_table(options=[(32, 8, 4, 2)] * 3, distortion=[(0, .1, .2, .9)] * 3,
+                           bytes_table=[(400, 100, 50, 25)] * 3)
+    episode = Walk(p, Budget(bytes=160), joint_stage(p)).run(lambda state: 1.0)
+    assert p.bytes(episode.choice) <= 160
+    assert [a for _, a in episode.steps] == [0.5, 0.0, 0.0]  # 8 bits first (100 + 25 + 25), then the floor
+
+
+def test_stage_two_keeps_the_structure_stage_one_chose():
+    problem = coupled_problem(5, 5, overhead=True)
+    budget = _budget(problem, 0.3)
+    one = Walk(problem, budget, prune_stage(problem)).run(lambda s: 0.7).choice
+    stage = quantize_stage(problem, one)
+    assert {problem.knobs[j].kind for j in stage.knobs} == {"bits"}
+    two = Walk(problem, budget, stage).run(lambda s: 0.9).choice
+    assert problem.feasible(two, budget)
+    assert all(a == b for j, (a, b) in enumerate(zip(one, two)) if problem.knobs[j].kind != "bits")
+
+
+# -- determinism ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stages", ["prune,quantize", "joint"])
+def test_the_same_seed_gives_the_same_search(stages):
+    runs = []
+    for _ in range(2):
+        problem = coupled_problem(9, 5, overhead=True)
+        solver = DRLSolver(stages=stages, episodes=16, round_size=4, hidden=16)
+        plan = solver.solve(problem, _budget(problem, 0.3), np.random.default_rng(4))
+        runs.append((plan, solver.statistics()["curve"]))
+    assert runs[0] == runs[1]
+    problem = coupled_problem(9, 5, overhead=True)
+    other = DRLSolver(stages=stages, episodes=16, round_size=4, hidden=16)
+    other.solve(problem, _budget(problem, 0.3), np.random.default_rng(5))
+    assert other.statistics()["curve"] != runs[0][1]
+
+
+def test_serial_and_processes_give_the_same_plan(tmp_path):
+    """The agent runs in the compiling process; scores do not depend on the executor, so neither do the
+    episodes or the plan (one pool of two spawned workers)."""
+    kwargs = dict(target_size="40%", solver=DRLSolver(episodes=12, round_size=6, hidden=16), evaluate=sm.evaluate,
+                  progress=False, max_evaluations=12)
+    serial = compressc.compile(sm.build(), sm.example_inputs(), executor="serial", **kwargs)
+    kwargs["solver"] = DRLSolver(episodes=12, round_size=6, hidden=16)
+    pooled = compressc.compile(sm.build(), sm.example_inputs(), executor="processes", workers=2, **kwargs)
+    assert serial.plan == pooled.plan
+    assert serial.report["solver_statistics"]["curve"] == pooled.report["solver_statistics"]["curve"]
+    assert pooled.report["search"]["evaluations"] <= 12
+    pooled.plot(tmp_path / "curve.png")  # what --plot calls: the learning curves of the search that ran
+    assert (tmp_path / "curve.png").stat().st_size > 10_000
+
+
+# -- learning -------------------------------------------------------------------------------------------
+def _objective_score(problem: Problem) -> Evaluator:
+    return Evaluator.from_function(lambda plan: -problem.objective(problem.choice_of(plan)))
+
+
+def test_the_agent_learns():
+    """Against the same agent with learning switched off (``updates=0``: its exploration around an
+    untrained actor, clamped the same way) at the same episodes: the learning agent's last quarter of
+    episodes scores better on most problems, and its best plan is better in total."""
+    last, best = [], []
+    for seed in range(4):
+        problem = coupled_problem(200 + seed, 6)
+        budget = _budget(problem, 0.3)
+        row_last, row_best = [], []
+        for updates in (2, 0):
+            solver = DRLSolver(stages="joint", episodes=48, updates=updates, hidden=32, prior="none")
+            solver.solve(problem, budget, np.random.default_rng(seed))
+            rewards = solver.statistics()["curve"]["reward"]
+            row_last.append(np.mean(rewards[-12:]))
+            row_best.append(max(rewards))
+        last.append(row_last)
+        best.append(row_best)
+    last, best = np.array(last), np.array(best)
+    assert np.mean(last[:, 0] > last[:, 1]) >= 0.75, last
+    assert best[:, 0].sum() > best[:, 1].sum(), best
+
+
+def test_beats_random_at_equal_episodes_on_problems_with_a_known_optimum():
+    """Objective over the exact optimum (MILP), summed over problems: drl's is the smaller (the agent
+    alone: no prior plan to start from)."""
+    drl, rnd = [], []
+    for seed in range(4):
+        problem = coupled_problem(300 + seed, 6)
+        budget = _budget(problem, 0.3)
+        optimum = exact_optimum(problem, budget)[1]
+        for solver, out in ((DRLSolver(episodes=48, hidden=32, prior="none"), drl), (RandomSolver(samples=48), rnd)):
+            plan = solver.solve(problem, budget, np.random.default_rng(seed))
+            out.append(problem.objective(problem.choice_of(plan)) / optimum)
+    assert sum(drl) < sum(rnd), (drl, rnd)
+
+
+@pytest.mark.parametrize("stages", ["prune,quantize", "joint"])
+def test_the_first_episode_replays_the_prior_and_the_result_scores_no_worse(stages):
+    problem = coupled_problem(21, 5, overhead=True)
+    budget = _budget(problem, 0.25)
+    prior = compressc.solvers.convex.ConvexSolver().solve(problem, budget, np.random.default_rng(0))
+    seen: list[Plan] = []
+
+    def score(plan: Plan) -> float:  # a score the additive objective does not predict
+        seen.append(plan)
+        return -float(sum(len(v) % 3 for v in plan.channels.values())) - 0.01 * problem.objective(problem.choice_of(plan))
+
+    problem.evaluator = Evaluator.from_function(score, budget=SearchBudget(max_evaluations=16))
+    plan = DRLSolver(stages=stages, round_size=4, hidden=16).solve(problem, budget, np.random.default_rng(1))
+    assert seen[0] == prior
+    assert score(plan) >= score(prior)
+
+
+# -- statistics, plot, options, CLI ----------------------------------------------------------------------
+def test_statistics_hold_the_learning_curves_and_the_plot_draws_them(tmp_path):
+    pytest.importorskip("matplotlib")
+    problem = coupled_problem(3, 4, overhead=True)
+    budget = _budget(problem, 0.4)
+    solver = DRLSolver(episodes=16, round_size=4, hidden=16)
+    solver.solve(problem, budget, np.random.default_rng(0))
+    stats = solver.statistics()
+    curve = stats["curve"]
+    assert len(curve["reward"]) == stats["episodes"] == 16
+    assert [s["name"] for s in stats["stages"]] == ["prune", "quantize"]
+    assert curve["best"] == list(np.maximum.accumulate(curve["reward"]))
+    assert all(b <= budget.bytes for b in curve["bytes"])
+    json.dumps(stats)  # report.json takes it as is
+    out = solver.plot(tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 10_000 and out is None
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    problem = coupled_problem(3, 4)
+    solver = DRLSolver(episodes=4, round_size=4, hidden=8)
+    solver.solve(problem, _budget(problem, 0.4), np.random.default_rng(0))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(UserError, match="matplotlib") as info:
+        solver.plot(tmp_path / "curve.png")
+    assert "compressc[plot]" in info.value.hint
+    assert not (tmp_path / "curve.png").exists()
+
+
+def test_plot_before_any_episode_says_so(tmp_path):
+    with pytest.raises(UserError, match="no learning curve"):
+        DRLSolver().plot(tmp_path / "curve.png")
+
+
+@pytest.mark.parametrize("options", [{"stages": "quantize"}, {"episodes": 0}, {"warmup": 1.5}, {"round_size": 2.0},
+                                     {"noise": -1}, {"flops_weight": True},
+                                     {"prior": "uniform"}])
+def test_bad_options_are_solver_errors(options):
+    with pytest.raises(SolverError, match="solver 'drl' does not take"):
+        get_solver("drl", **options)
+
+
+def test_flops_weight_rewards_fewer_flops_in_stage_one():
+    problem = coupled_problem(4, 5)
+    budget = _budget(problem, 0.5)
+    solver = DRLSolver(episodes=8, round_size=4, flops_weight=1.0, hidden=8)
+    solver.solve(problem, budget, np.random.default_rng(0))
+    curve = solver.statistics()["curve"]
+    top = problem.flops(problem.uncompressed())
+    for stage, reward, score, flops in zip(curve["stage"], curve["reward"], curve["score"], curve["flops"]):
+        assert reward == pytest.approx(score - (flops / top if stage == "prune" else 0.0))
+
+
+def test_drl_stages_flag_needs_the_drl_solver(tmp_path):
+    result = CliRunner().invoke(main, ["compile", "examples/digits.py", "--target-size", "8KB", "--solver", "greedy",
+                                       "--drl-stages", "joint", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "--drl-stages applies to the drl solver" in result.output
+    assert not (tmp_path / "out").exists()
