@@ -26,7 +26,7 @@ from compressc.passes.lowering.remove_layers import (RemovedGraphs, UnknownBlock
                                                      removed_view, without_blocks)
 from compressc.plan import LayerSettings, Plan, weight_tensors
 
-from .arch_strategies import arch_specs, build, plans
+from .arch_strategies import CNNSpec, Concat, Conv, Head, arch_specs, build, plans
 from .models import resnet_basic
 from .test_prune_properties import _outputs, assert_outputs_close
 
@@ -80,6 +80,30 @@ def test_removal_composes_with_pruning_and_costs_are_exact(spec, data):
     names = weight_tensors(g.module)
     bits = data.draw(st.dictionaries(st.sampled_from(names), st.sampled_from([2, 4, 8]), max_size=3), label="bits")
     plan = Plan(channels=channels, layers={n: LayerSettings(bits=b) for n, b in bits.items()}, removed=tuple(removed))
+    _assert_removal_then_pruning_exact(model, inputs, g, plan)
+
+
+def test_removal_that_freezes_every_kept_unit_keeps_one():
+    """Regression (found by the property above): a Concat of 1- and 3-channel branches feeding a
+    groups=2 conv couples channels by conv group; the plan keeps unit 0 (the conv group holding the
+    1-channel branch) and drops unit 1. Removing that branch puts the model's input (frozen) into
+    conv group 0, so the group after removal has only old unit 1, which the plan dropped: the
+    translated plan must keep it, not name an empty group."""
+    conv = lambda cout, groups=1: Conv(cout=cout, groups=groups)  # noqa: E731
+    spec = CNNSpec(seed=0, batch=1, cin=1, h=4, w=4, blocks=(Concat(left=(conv(1),), right=(conv(3),)), conv(2, groups=2)),
+                   head=Head())
+    model, inputs = build(spec)
+    g = compressc.trace(model, inputs)
+    (group, *_) = compressc.channel_groups(g)
+    assert group.prunable and group.size == 2
+    plan = Plan(channels={group.id: (0,)}, removed=("blocks.0.left.0.0",))
+    base, translated = removed_view(g, plan.removed, plan.channels)
+    assert [gr.size for gr in compressc.channel_groups(base) if gr.prunable] == [1]
+    assert translated == {}  # the group's one unit is kept
+    _assert_removal_then_pruning_exact(model, inputs, g, plan)
+
+
+def _assert_removal_then_pruning_exact(model, inputs, g, plan):
     base, translated = removed_view(g, plan.removed, plan.channels)
     pruned = compressc.prune_channels(base, translated) if translated else base.module
     assert [t.shape for t in _outputs(pruned, inputs)] == [t.shape for t in _outputs(model, inputs)]

@@ -130,7 +130,9 @@ def translate_channels(graph: Graph, removed_graph: Graph, channels: Mapping[int
     """``channels`` (group ids of ``graph``) as a plan over the groups of ``removed_graph``.
 
     A unit of the new graph is kept when any of its parameter positions was kept in ``graph`` (or it
-    has none); a new group that would lose every unit of a segment keeps the segment's first unit.
+    has none); a new group that would lose every unit of a segment, or every unit of the group (the
+    units ``channels`` kept may have become frozen: a removed chain's skip ties them to the model's
+    input), keeps the first unit of that segment or group.
     """
     old, new = analyze_channels(graph), analyze_channels(removed_graph)
     keep_old = old.keep_slots(validate_plan(old, channels))
@@ -151,7 +153,7 @@ def translate_channels(graph: Graph, removed_graph: Graph, channels: Mapping[int
         units = np.ones(group.size, bool)
         units[new.unit_of_slot[in_group & voted]] = False
         units[new.unit_of_slot[in_group & voted & kept]] = True
-        for seg in group.segments:
+        for seg in (*group.segments, np.arange(group.size)):  # validate_plan: no empty segment, no empty group
             if not units[seg].any():
                 units[seg.min()] = True
         if not units.all():
