@@ -221,8 +221,8 @@ class LocalSearch:
         """``choice`` moved into the budget on the exact costs, compressing least distortion per saving
         first (unchanged when it fits)."""
         c = self.unit_choice(choice)
-        if not self._models:
-            return self._u.knob_choice(c)
+        if not self._models or self._problem.feasible(self._u.knob_choice(c), self._budget):
+            return self._u.knob_choice(c)  # the exact costs decide: a choice that fits stays
         return self._u.knob_choice(self._feasible_exact(self._repair(c, self._models), self._models))
 
     def improve(self, choice: Sequence[int]) -> Choice:
