@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from compressc.errors import UserError
+from compressc.plotting import pyplot, save_figure
 
 __all__ = ["plot_curves"]
 
@@ -21,20 +22,12 @@ COLOURS = {"prune": "tab:blue", "quantize": "tab:orange", "joint": "tab:green"}
 
 def plot_curves(statistics: dict[str, Any], path: str | Path) -> Path:
     """Write the curves in ``statistics`` (``DRLSolver.statistics()``) to ``path``; returns the path."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib, which is not installed",
-                        hint='pip install "compressc[plot]"') from None
+    plt = pyplot()
     curve = statistics.get("curve") or {}
     if not curve.get("reward"):
         raise UserError("the drl solver has no learning curve to plot: it scored no episode "
                         "(the budget already fitted the uncompressed model, or no evaluation was left)",
                         hint="plot after a solve that ran episodes")
-    path = Path(path)
     x = list(range(1, len(curve["reward"]) + 1))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
     for stage in dict.fromkeys(curve["stage"]):
@@ -61,11 +54,4 @@ def plot_curves(statistics: dict[str, Any], path: str | Path) -> Path:
     bottom.set_ylabel("weights bytes")
     bottom.set_xlabel("episode")
     fig.tight_layout()
-    try:
-        fig.savefig(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--plot {path}: cannot write the figure: {e}",
-                        hint="give a writable path ending in .png, .pdf or .svg") from None
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -7,21 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compressc.errors import UserError
+from compressc.plotting import pyplot, save_figure
 
 __all__ = ["plot_curve"]
 
 
 def plot_curve(statistics: dict[str, Any], path: str | Path) -> None:
     """Write ``statistics["curve"]`` (``N2NSolver.statistics()``) to ``path`` (PNG, SVG, PDF: by suffix)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting the n2n learning curve needs matplotlib",
-                        hint="pip install compressc[plot]") from None
+    plt = pyplot()
     curve = statistics["curve"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for stage, colour, label in ((1, "tab:orange", "stage 1: removal"), (2, "tab:blue", "stage 2: shrinkage")):
@@ -40,5 +33,4 @@ def plot_curve(statistics: dict[str, Any], path: str | Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
