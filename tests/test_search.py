@@ -117,18 +117,37 @@ def test_data_free_score_is_minus_the_proxy():
 # -- executors -------------------------------------------------------------------------------------
 def test_processes_agree_with_serial_and_retry_a_dead_worker_once(tmp_path, monkeypatch):
     """One spawned pool (the start-up is the cost): the same scores as in this process, in task order;
-    a worker killed while scoring is replaced and its plan retried; a plan that kills twice is an error."""
+    a worker killed while scoring is replaced and its plan retried; a plan that kills twice is an error.
+    (Nothing is scored in this process while the workers start: a killing plan would kill the test.)"""
     plans = _plans()
     serial = Evaluator(_workload(), seed=7)
     agree = [plans[0], plans[1], plans[3]]
     expected = serial.score_many(agree, steps=3)
     monkeypatch.setenv(sm.KILL_MARKER, str(tmp_path / "killed-once"))
-    with Evaluator(_workload(evaluate=sm.evaluate_or_die), executor="processes", workers=2, seed=7) as ev:
+    pool = ProcessExecutor(2, startup_help=False)
+    with Evaluator(_workload(evaluate=sm.evaluate_or_die), executor=pool, seed=7) as ev:
         assert ev.score_many(agree, steps=3) == expected
+        assert ev.stats()["scored_while_starting"] == 0
         assert ev.score(plans[4]) == serial.score(plans[4])  # the first try died, the retry scored it
         assert (tmp_path / "killed-once").exists()
         with pytest.raises(WorkerDiedError, match=r"died twice while scoring plan .*\[0, 2, 5\]"):
             ev.score(Plan(channels=plans[2].channels))  # 3 channels: every try dies
+
+
+def test_this_process_scores_while_the_workers_start_and_agrees_with_them():
+    """Spawned workers take over a second to import torch: the first plans are scored here, later
+    ones by the workers once they are up, and every score equals the serial one."""
+    plans = _plans()
+    serial = Evaluator(_workload(), seed=5)
+    with Evaluator(_workload(), executor="processes", workers=2, seed=5) as ev:
+        assert ev.score_many(plans, steps=2) == serial.score_many(plans, steps=2)
+        helped = ev.stats()["scored_while_starting"]
+        assert helped >= 1
+        deadline = time.monotonic() + 120
+        while not all(w.ready() for w in ev.executor._pool) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ev.score_many(plans, steps=3) == serial.score_many(plans, steps=3)
+        assert ev.stats()["scored_while_starting"] == helped  # the workers scored these
 
 
 def test_device_mapping_gives_one_worker_per_device():

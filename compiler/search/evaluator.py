@@ -156,12 +156,15 @@ class Evaluator:
 
     # -- report and lifetime -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """What the search spent: evaluations, cache hits, seconds starting workers and scoring,
-        the budget and what stopped it (``max_evaluations``, ``time_limit`` or None)."""
+        """What the search spent: evaluations, cache hits, seconds launching workers (``startup_s``)
+        and scoring, how many plans this process scored while the workers started, the budget and
+        what stopped it (``max_evaluations``, ``time_limit`` or None)."""
         wall = 0.0 if self._t0 is None else time.perf_counter() - self._t0
         if self._stats["stopped_by"] is None and self.budget.max_evaluations is not None and self.remaining == 0:
             self._stats["stopped_by"] = "max_evaluations"
+        helper = getattr(self.executor, "help", None)
         return {**self._stats, "startup_s": round(self._stats["startup_s"], 3),
+                "scored_while_starting": helper.scored if helper is not None else 0,
                 "scoring_s": round(self._stats["scoring_s"], 3), "wall_s": round(wall, 3),
                 "executor": self.executor.name, "workers": self.workers,
                 "max_evaluations": self.budget.max_evaluations, "time_limit_s": self.budget.time_limit}

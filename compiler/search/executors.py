@@ -3,7 +3,9 @@
 An executor holds one ``Scorer`` per worker (built once, from the ``Workload``) and runs tasks
 ``(plan_dict, steps, seed)``; results come back in task order whatever order workers finish in.
 A worker that dies while scoring a plan is restarted and the plan retried once; a second death
-raises ``WorkerDiedError`` naming the plan. ``close()`` stops every worker (the evaluator calls it,
+raises ``WorkerDiedError`` naming the plan. While a CPU pool's workers are still starting (importing
+torch, building the model), this process scores the first tasks itself instead of waiting idle: the
+score of a plan does not depend on where it runs, so this only shortens the search. ``close()`` stops every worker (the evaluator calls it,
 also on Ctrl-C), and workers exit by themselves when the parent goes away.
 
 >>> import torch
@@ -23,12 +25,12 @@ import signal
 import time
 from collections import deque
 from multiprocessing.connection import wait
-from typing import Any, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 from compressc.errors import UserError
 from compressc.search.scoring import Scorer, Workload, guarded_score
 
-__all__ = ["Executor", "SerialExecutor", "ProcessExecutor", "WorkerDiedError", "get_executor", "EXECUTORS", "Task"]
+__all__ = ["Executor", "SerialExecutor", "StartupHelp", "ProcessExecutor", "WorkerDiedError", "get_executor", "EXECUTORS", "Task"]
 
 Task = tuple[dict, int, int]  # (plan.to_dict(), steps, seed)
 EXECUTORS = ("serial", "processes", "ray")
@@ -65,6 +67,32 @@ def died(task: Task, how: str) -> WorkerDiedError:
     return WorkerDiedError(f"a worker died twice while scoring plan {task[0]} ({how})",
                            hint="it may run out of memory (use fewer --workers), or a script that compiles with worker "
                                 "processes lacks `if __name__ == \"__main__\":`; --executor serial shows the error")
+
+
+class StartupHelp:
+    """Scores tasks in this process while a pool's workers are still starting (CPU pools only: a plan
+    scored on an accelerator need not agree with one scored here to the last bit). ``scored``
+    counts the tasks it took; the pool's ``run`` hands it the queue first. A plan that crashes the
+    process scoring it (native code, out of memory) takes this process down when it is scored here,
+    as with the serial executor: pools built with ``startup_help=False`` never score here."""
+
+    def __init__(self, devices: Sequence[str], enabled: bool = True) -> None:
+        self.enabled = enabled and all(d == "cpu" for d in devices)
+        self.workload: Workload | None = None
+        self.scorer: Scorer | None = None
+        self.scored = 0
+
+    def take(self, tasks: Sequence[Task], queue: deque, results: list, starting: Callable[[], bool]) -> None:
+        """Score tasks from the front of ``queue`` into ``results`` until ``starting()`` turns false."""
+        while self.enabled and self.workload is not None and queue and starting():
+            index = queue.popleft()
+            if self.scorer is None:
+                self.scorer = Scorer(self.workload, "cpu")
+            results[index] = result_of(guarded_score(self.scorer, *tasks[index]), tasks[index])
+            self.scored += 1
+
+    def close(self) -> None:
+        self.scorer = None
 
 
 class SerialExecutor:
@@ -122,9 +150,14 @@ class _Worker:
         child.close()
         self.device = device
         self.task: int | None = None
+        self.up = False
 
-    def ready(self) -> None:
-        """Wait until the worker has built its scorer (raises what it could not build)."""
+    def ready(self) -> bool:
+        """Whether the worker has built its scorer, without waiting (raises what it could not build)."""
+        if self.up:
+            return True
+        if not self.conn.poll(0):
+            return False
         try:
             reply = self.conn.recv()
         except (EOFError, OSError):
@@ -132,6 +165,8 @@ class _Worker:
                             hint="run with --executor serial to see the error in this process") from None
         if reply[0] == "init-error":
             result_of(reply, ({}, 0, 0))
+        self.up = True
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         _stop([self], timeout)
@@ -159,19 +194,23 @@ def _stop(workers: list[_Worker], timeout: float) -> None:
 
 class ProcessExecutor:
     """``workers`` spawned processes (one per entry of ``devices`` when given), each building the
-    model once: from the model file, or from the pickled module for library calls."""
+    model once: from the model file, or from the pickled module for library calls; while they start,
+    this process scores the first tasks unless ``startup_help`` is false (``StartupHelp``)."""
 
     name: ClassVar[str] = "processes"
 
-    def __init__(self, workers: int = 2, devices: Sequence[str] | None = None) -> None:
+    def __init__(self, workers: int = 2, devices: Sequence[str] | None = None, *, startup_help: bool = True) -> None:
         self.devices = list(devices) if devices else ["cpu"] * int(workers)
         self.workers = len(self.devices)
         self._ctx = mp.get_context("spawn")
         self._pool: list[_Worker] = []
         self._payload = b""
         self._threads = 1
+        self.help = StartupHelp(self.devices, startup_help)
 
     def start(self, workload: Workload) -> None:
+        """Launch the workers (they build their scorers while the first ``run`` begins)."""
+        self.help.workload = workload
         try:
             self._payload = pickle.dumps(workload.for_workers())
         except (pickle.PicklingError, AttributeError, TypeError) as e:
@@ -182,8 +221,6 @@ class ProcessExecutor:
         try:
             for d in self.devices:
                 self._pool.append(_Worker(self._ctx, self._payload, d, self._threads))
-            for w in self._pool:  # all of them, so that the start-up is not counted as scoring time
-                w.ready()
         except BaseException:  # a build error, or Ctrl-C while starting: no worker outlives it
             self.close()
             raise
@@ -191,6 +228,7 @@ class ProcessExecutor:
     def run(self, tasks: Sequence[Task]) -> list[float]:
         results: list[float | None] = [None] * len(tasks)
         queue, tries = deque(range(len(tasks))), [0] * len(tasks)
+        self.help.take(tasks, queue, results, lambda: not all(w.ready() for w in self._pool))
         while queue or any(w.task is not None for w in self._pool):
             for i, w in enumerate(self._pool):
                 if w.task is None and queue:
@@ -211,6 +249,7 @@ class ProcessExecutor:
                 if reply is not None and reply[0] == "init-error":
                     result_of(reply, tasks[w.task])
                 if reply == ("ready",):  # a replacement worker is up; its task is on its way
+                    w.up = True
                     continue
                 if reply is not None:
                     index, answer = reply
@@ -229,6 +268,7 @@ class ProcessExecutor:
     def close(self) -> None:
         _stop(self._pool, timeout=2.0)
         self._pool = []
+        self.help.close()
 
 
 def get_executor(name: str, *, workers: int = 1, devices: Sequence[str] | None = None,

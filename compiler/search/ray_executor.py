@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any, ClassVar, Sequence
 
 from compressc.errors import UserError
-from compressc.search.executors import Task, died, result_of
+from compressc.search.executors import StartupHelp, Task, died, result_of
 from compressc.search.scoring import Scorer, Workload, guarded_score
 
 __all__ = ["RayExecutor"]
@@ -39,19 +39,25 @@ class _Actor:
 
 
 class RayExecutor:
-    """``workers`` Ray actors (one per entry of ``devices`` when given; ``cuda`` devices reserve one GPU each)."""
+    """``workers`` Ray actors (one per entry of ``devices`` when given; ``cuda`` devices reserve one GPU
+    each); while they start, this process scores the first tasks unless ``startup_help`` is false."""
 
     name: ClassVar[str] = "ray"
 
-    def __init__(self, workers: int = 2, devices: Sequence[str] | None = None, *, address: str | None = None) -> None:
+    def __init__(self, workers: int = 2, devices: Sequence[str] | None = None, *, address: str | None = None,
+                 startup_help: bool = True) -> None:
         self.devices = list(devices) if devices else ["cpu"] * int(workers)
         self.workers = len(self.devices)
         self.address = address
         self._owns_cluster = False
         self._actors: list[Any] = []
         self._ref = None
+        self._starting: list[Any] = []  # the actors' pid() calls, answered once each has built its scorer
+        self.help = StartupHelp(self.devices, startup_help)
 
     def start(self, workload: Workload) -> None:
+        """Join or start the cluster and create the actors (they build their scorers while the first
+        ``run`` begins)."""
         try:
             import ray
         except ImportError:
@@ -71,7 +77,8 @@ class RayExecutor:
         try:
             self._ref = ray.put(workload.for_workers())
             self._actors = [self._spawn(d) for d in self.devices]
-            ray.get([a.pid.remote() for a in self._actors])  # wait for them: start-up is not scoring time
+            self._starting = [a.pid.remote() for a in self._actors]
+            self.help.workload = workload
         except BaseException:  # Ctrl-C while starting: no actor (or local cluster) outlives it
             self.close()
             raise
@@ -85,6 +92,9 @@ class RayExecutor:
         ray = self._ray
         results: list[float | None] = [None] * len(tasks)
         queue, tries = deque(range(len(tasks))), [0] * len(tasks)
+        if self._starting:
+            self.help.take(tasks, queue, results, self._still_starting)
+            self._starting = []  # the actors' first tasks queue behind their construction
         idle = list(range(len(self._actors)))
         pending: dict[Any, tuple[int, int]] = {}
         while queue or pending:
@@ -107,7 +117,13 @@ class RayExecutor:
             idle.append(a)
         return results  # type: ignore[return-value]
 
+    def _still_starting(self) -> bool:
+        done, _ = self._ray.wait(self._starting, num_returns=len(self._starting), timeout=0)
+        return len(done) < len(self._starting)
+
     def close(self) -> None:
+        self.help.close()
+        self._starting = []
         if not self._actors and not self._owns_cluster:
             return
         ray = self._ray
