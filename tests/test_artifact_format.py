@@ -245,10 +245,12 @@ def test_packing_is_lsb_first_and_padded_only_at_the_end():
 
 
 def test_packing_ten_million_codes_is_fast():
+    """Vectorised, not a Python loop (which takes tens of seconds); CPU time of this process, so that
+    a loaded machine does not fail it."""
     codes = np.random.default_rng(0).integers(0, 8, 10_000_000).astype(np.uint8)
-    start = time.perf_counter()
+    start = time.process_time()
     buf = pack_bits(codes, 3)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 2.0
     assert len(buf) == 3_750_000
 
 
