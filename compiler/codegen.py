@@ -2,8 +2,9 @@
 
 ``emit_model_source`` writes a ``torch.nn.Module`` subclass whose ``__init__`` rebuilds the module
 tree under the same qualified names (so ``state_dict()`` keys, shapes and dtypes are the compiled
-module's) by calling each ``torch.nn`` constructor with keyword arguments read back from the instance,
-and whose ``forward`` is the code torch.fx generates for the graph. The source imports torch and the
+module's) by calling each ``torch.nn`` constructor (or that of a layer compressc emits, whose
+torch-only class the file carries) with keyword arguments read back from the instance, and whose
+``forward`` is the code torch.fx generates for the graph. The source imports torch and the
 standard library only, never compressc; ``build()`` returns an instance with uninitialised weights.
 
 Every constructor call is checked while emitting: the module it builds (on the meta device) must
@@ -43,6 +44,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from compressc.attention import PrunedMultiheadAttention
 from compressc.errors import UserError
 
 __all__ = ["emit_model_source", "verify_roundtrip", "CodegenError", "RoundtripError"]
@@ -66,7 +68,9 @@ _MISSING = object()
 # Constructor arguments that only choose initial values (weights are loaded afterwards) or placement.
 _INIT_ONLY = frozenset({"device", "dtype", "init", "_weight", "_freeze"})
 _CONTAINERS = (nn.Module, nn.Sequential, nn.ModuleList, nn.ModuleDict)  # exact types
-_RESERVED = frozenset({"torch", "nn", "_container", "build"})
+# compressc's own layers that lowering emits (torch-only source): model.py carries a copy of their class.
+_EMBEDDED = (PrunedMultiheadAttention,)
+_RESERVED = frozenset({"torch", "nn", "_container", "build", *(cls.__name__ for cls in _EMBEDDED)})
 _ACTIVATION_NAMES = {torch.nn.functional.relu: "relu", torch.nn.functional.gelu: "gelu"}
 
 # Transformer{Encoder,Decoder}Layer do not keep their arguments: read them off their sublayers.
@@ -212,6 +216,8 @@ def _rebuilt_fingerprint(cls: type, kwargs: dict[str, Any]) -> tuple | str:
 
 
 def _class_expr(path: str, cls: type) -> str:
+    if cls in _EMBEDDED:
+        return cls.__name__  # model.py defines it (``_embedded_sources``)
     module = cls.__module__
     if not (module == "torch.nn" or module.startswith("torch.nn.")) or "<" in cls.__qualname__:
         raise CodegenError(
@@ -397,6 +403,12 @@ def _forward(gm: fx.GraphModule, class_name: str) -> tuple[list[str], list[str]]
 
 
 # -- the file -------------------------------------------------------------------------------------
+def _embedded_sources(gm: fx.GraphModule) -> list[str]:
+    """The source of every ``_EMBEDDED`` class ``gm`` uses, each followed by two blank lines."""
+    used = {type(m) for m in gm.modules()}
+    return [line for cls in _EMBEDDED if cls in used for line in (inspect.getsource(cls).rstrip(), "", "")]
+
+
 _CONTAINER_HELPER = """\
 def _container(children, module=None):
     \"\"\"A module holding ``children`` under their names (which may be digits, as in nn.Sequential).\"\"\"
@@ -464,6 +476,7 @@ def emit_model_source(gm: fx.GraphModule, class_name: str = "CompressedModel", *
         "",
         "",
         *([_CONTAINER_HELPER, "", ""] if needs_container else []),
+        *_embedded_sources(gm),
         f"class {class_name}(nn.Module):",
         "    def __init__(self):",
         "        super().__init__()",

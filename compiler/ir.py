@@ -66,7 +66,7 @@ class NodeKind(str, enum.Enum):
     PERMUTE = "permute"  # permute / transpose / t / ChannelShuffle
     POOL = "pool"  # max/avg/adaptive pooling, upsampling by interpolation
     REDUCE = "reduce"  # mean / sum / amax ... over dims
-    ATTENTION = "attention"  # nn.MultiheadAttention, F.scaled_dot_product_attention
+    ATTENTION = "attention"  # nn.MultiheadAttention (and its pruned form), F.scaled_dot_product_attention
     EMBEDDING = "embedding"  # Embedding, EmbeddingBag, F.embedding
     RECURRENT = "recurrent"  # LSTM / GRU / RNN (traced as a whole)
     SHAPE = "shape"  # size() / shape / dim() and any arithmetic on them: Python values, not tensors

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from compressc.attention import PrunedMultiheadAttention
 from compressc.errors import TraceError
 from compressc.perf import gc_paused
 from compressc.ir import Graph, LeafReport
@@ -54,8 +55,9 @@ class _RootFailure(TraceError):
 class LeafTracer(fx.Tracer):
     """An fx tracer that keeps ``leaves`` opaque and attributes failures to the innermost module.
 
-    Besides torch's own leaf rule (modules from ``torch.nn`` stay whole), every qualified name in
-    ``leaves`` is traced as one ``call_module`` node.
+    Besides torch's own leaf rule (modules from ``torch.nn`` stay whole, and so does the
+    ``PrunedMultiheadAttention`` lowering puts in their place), every qualified name in ``leaves`` is
+    traced as one ``call_module`` node.
     """
 
     def __init__(self, leaves: set[str]) -> None:
@@ -63,7 +65,8 @@ class LeafTracer(fx.Tracer):
         self.leaves = set(leaves)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+        return (module_qualified_name in self.leaves or isinstance(m, PrunedMultiheadAttention)
+                or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m, forward, args, kwargs):
         try:

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from compressc.attention import ATTENTION_MODULES
 from compressc.ir import NodeKind
 
 __all__ = ["classify", "MODULE_KINDS", "FUNCTION_KINDS", "METHOD_KINDS"]
@@ -38,7 +39,7 @@ MODULE_KINDS: list[tuple[tuple[type, ...], NodeKind]] = [
         ),
         K.NORM,
     ),
-    ((nn.MultiheadAttention,), K.ATTENTION),
+    (ATTENTION_MODULES, K.ATTENTION),
     (
         (
             nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,

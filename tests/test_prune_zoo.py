@@ -47,10 +47,10 @@ EXPECTED_MIN_PRUNABLE = {
     # residual) and the SE hidden width; for the 32 and 64 stages also the SEConvBlock's inner conv and
     # its 1x1-conv SE hidden width: 2 + 4 + 4.
     "se_net": 10,
-    # The MLP hidden width (64) of each of the 2 encoder blocks. The residual stream goes through
-    # LayerNorms (statistics over the pruned dim) and the cls token / positional embedding;
-    # nn.MultiheadAttention's heads are opaque.
-    "vit": 2,
+    # The MLP hidden width (64) and the nn.MultiheadAttention heads (4: in_proj's q/k/v rows and
+    # out_proj's columns of a head) of each of the 2 encoder blocks. The residual stream goes through
+    # LayerNorms (statistics over the pruned dim) and the cls token / positional embedding.
+    "vit": 4,
     # The MLP hidden width (64) and the attention heads (4 units of head_dim q/k/v columns each, tied
     # through the reshape to (B, N, 3, heads, hd) and proj's input). The residual stream is LayerNorm'ed.
     "handwritten_attention": 2,

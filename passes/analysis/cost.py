@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from compressc.attention import ATTENTION_MODULES
 from compressc.ir import META_COST, META_OPAQUE_FLOPS, Graph, NodeCost, NodeInfo, NodeKind
 
 __all__ = ["analyze_cost", "node_macs_flops", "CostAnalysisPass"]
@@ -86,19 +87,24 @@ def _matmul_macs(info: NodeInfo, node: fx.Node) -> int:
     return _out_numel(info) * (a.shape[-1] if a.shape else 1)
 
 
-def _attention_macs(info: NodeInfo, m: nn.Module | None) -> tuple[int, int]:
-    """(MACs, softmax elements) of nn.MultiheadAttention or F.scaled_dot_product_attention."""
-    if isinstance(m, nn.MultiheadAttention):
-        q, k, v = info.inputs[:3]
-        e = m.embed_dim
+def _attention_macs(info: NodeInfo, m: nn.Module | None, shape: ShapeOf) -> tuple[int, int]:
+    """(MACs, softmax elements) of multi-head attention (``nn.MultiheadAttention`` or its pruned form,
+    widths read off its projections) or F.scaled_dot_product_attention."""
+    if isinstance(m, ATTENTION_MODULES):
+        q, k = info.inputs[:2]
+        packed = m.in_proj_weight is not None
+        w_q = shape("in_proj_weight" if packed else "q_proj_weight")
+        inner, e_q = (w_q[0] // 3 if packed else w_q[0]), w_q[1]
+        kdim, vdim = (e_q, e_q) if packed else (shape("k_proj_weight")[1], shape("v_proj_weight")[1])
+        e_out = shape("out_proj.weight")[0]
         if len(q.shape) == 2:
             batch, lq, ls = 1, q.shape[0], k.shape[0]
         elif m.batch_first:
             batch, lq, ls = q.shape[0], q.shape[1], k.shape[1]
         else:
             batch, lq, ls = q.shape[1], q.shape[0], k.shape[0]
-        proj = lq * e * e + ls * m.kdim * e + ls * m.vdim * e + lq * e * e
-        return batch * (proj + 2 * lq * ls * e), batch * m.num_heads * lq * ls
+        proj = lq * e_q * inner + ls * kdim * inner + ls * vdim * inner + lq * inner * e_out
+        return batch * (proj + 2 * lq * ls * inner), batch * (inner // m.head_dim) * lq * ls
     q, k, v = info.inputs[:3]
     batch = _prod(q.shape[:-2])
     lq, ls = q.shape[-2], k.shape[-2]
@@ -144,7 +150,7 @@ def node_macs_flops(info: NodeInfo, node: fx.Node, m: nn.Module | None, shape: S
         macs = _matmul_macs(info, node)
         return macs, 2 * macs
     if kind is K.ATTENTION:
-        macs, soft = _attention_macs(info, m)
+        macs, soft = _attention_macs(info, m, shape)
         return macs, 2 * macs + 3 * soft
     if kind is K.RECURRENT and m is not None:
         macs = _recurrent_macs(info, m, shape)

@@ -29,10 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
+from compressc.attention import ATTENTION_MODULES
 from compressc.perf import copy_sharing_tensors
 from compressc.ir import META_VALUE, Graph, TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ChannelAnalysis, analyze_channels
 from compressc.passes.analysis.channel_plan import ChannelPlan, InfeasiblePlanError, kept_mask, validate_plan
+from compressc.passes.lowering.attention_heads import attention_weight_masks, lower_attention, run_masked_attention
 
 __all__ = ["prune_channels", "masked_reference", "PruneChannelsPass"]
 
@@ -261,6 +263,8 @@ def prune_channels(graph: Graph, plan: ChannelPlan, *, share_tensors: bool = Fal
             in_dim = (1 if len(spec.shape) > 1 else 0) if isinstance(spec, TensorMeta) else None
             rank = len(spec.shape) if isinstance(spec, TensorMeta) else None
             _fix_module(gm.get_submodule(node.target), in_chan, analysis.states.get(node.name), keep, in_dim, rank)
+            if isinstance(gm.get_submodule(node.target), ATTENTION_MODULES):
+                lower_attention(gm, node.target)  # fewer heads or narrower widths: a replacement module
         elif node.op in ("call_function", "call_method"):
             _rewrite_node(node, analysis, keep)
     gm.recompile()
@@ -269,12 +273,15 @@ def prune_channels(graph: Graph, plan: ChannelPlan, *, share_tensors: bool = Fal
 
 # -- masked reference -----------------------------------------------------------------------------
 class _Masking(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, masks: dict[str, Any]) -> None:
+    def __init__(self, gm: fx.GraphModule, masks: dict[str, Any], weight_masks: dict[str, dict[str, torch.Tensor]]) -> None:
         super().__init__(gm)
-        self.masks = masks
+        self.masks, self.weight_masks = masks, weight_masks
 
     def run_node(self, n: fx.Node) -> Any:
         result = self._norm_over_kept(n)
+        if result is None and n.name in self.weight_masks:  # attention: the removed heads zeroed inside
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            result = run_masked_attention(self.module.get_submodule(n.target), self.weight_masks[n.name], args, kwargs)
         if result is None:
             result = super().run_node(n)
         mask = self.masks.get(n.name)
@@ -326,19 +333,20 @@ class _MaskedModule(nn.Module):
     """A copy of the original module in eval mode, run node by node with the removed channels zeroed
     after every node."""
 
-    def __init__(self, gm: fx.GraphModule, masks: dict[str, Any]) -> None:
+    def __init__(self, gm: fx.GraphModule, masks: dict[str, Any], weight_masks: dict[str, dict[str, torch.Tensor]]) -> None:
         super().__init__()
         self.gm = gm
-        self.masks = masks
+        self.masks, self.weight_masks = masks, weight_masks
 
     def forward(self, *args):
         with torch.no_grad():
-            return _Masking(self.gm, self.masks).run(*args)
+            return _Masking(self.gm, self.masks, self.weight_masks).run(*args)
 
 
 def masked_reference(graph: Graph, plan: ChannelPlan) -> nn.Module:
-    """The original model (a copy, in eval mode) with every removed channel zeroed wherever it flows:
-    the semantics a pruned module must reproduce."""
+    """The original model (a copy, in eval mode) with every removed channel zeroed wherever it flows
+    (and a removed attention head's weights zeroed inside its module): the semantics a pruned module
+    must reproduce."""
     analysis = analyze_channels(graph)
     keep = analysis.keep_slots(validate_plan(analysis, plan))
     masks = {}
@@ -346,7 +354,8 @@ def masked_reference(graph: Graph, plan: ChannelPlan) -> nn.Module:
         mask = _mask_for(analysis.states.get(node.name), node.meta.get(META_VALUE), keep)
         if mask is not None:
             masks[node.name] = mask
-    return _MaskedModule(copy.deepcopy(graph.module).eval(), masks)
+    gm = copy.deepcopy(graph.module).eval()
+    return _MaskedModule(gm, masks, attention_weight_masks(gm, analysis, keep))
 
 
 @dataclass(frozen=True)

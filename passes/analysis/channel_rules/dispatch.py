@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
+from compressc.attention import ATTENTION_MODULES
 from compressc.ir import META_INFO, META_VALUE, NodeKind, TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ParamRef, WalkContext
 from compressc.passes.analysis.channel_probe import ChannelBehaviour, probe_behaviour, registered_rule
@@ -41,7 +42,7 @@ from compressc.passes.analysis.channel_rules.elementwise import broadcast, pool,
 from compressc.passes.analysis.channel_rules.reshapes import channel_shuffle, permute, reshape, reshape_fn
 from compressc.passes.analysis.channel_rules.slicing import concat, split
 from compressc.passes.analysis.channel_rules.contractions import matmul
-from compressc.passes.analysis.channel_rules.attention import sdpa
+from compressc.passes.analysis.channel_rules.attention import multihead_attention, sdpa
 
 __all__ = ["propagate", "module_rule", "function_rule", "unknown", "size_dependence"]
 
@@ -123,8 +124,8 @@ def module_rule(ctx: WalkContext, node: fx.Node, m: nn.Module, kind: NodeKind) -
         return None
     if isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)):
         return recurrent(ctx, node, x, spec, m, path)
-    if isinstance(m, nn.MultiheadAttention):
-        return opaque(ctx, node, "nn.MultiheadAttention ties its embed dim to its inputs and output; its channels and heads are kept")
+    if isinstance(m, ATTENTION_MODULES):
+        return multihead_attention(ctx, node, m, path)
     reason = "opaque leaf (not traced by torch.fx)" if kind is K.LEAF else f"module {type(m).__name__} is not understood"
     return unknown(ctx, node, m, reason)
 
