@@ -186,3 +186,23 @@ def test_the_reference_vit_cuts_its_heads_and_with_width_over_30_percent():
         with torch.no_grad():
             torch.testing.assert_close(small(*inputs), compressc.masked_reference(g, plan)(*inputs), rtol=1e-4, atol=1e-5)
     assert cuts[False] >= 0.18 and cuts[True] >= 0.4, cuts  # 10.2% either way with MHA kept whole
+
+
+def test_packed_projections_keep_a_memory_whose_columns_they_share_with_an_unfollowed_query():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.memory, self.attn, self.head = nn.Linear(4, E), nn.MultiheadAttention(E, H), nn.Linear(E, 2)
+
+        def forward(self, x, mem):  # the query is the model input: in_proj's columns cannot shrink
+            k = self.memory(mem)
+            return self.head(x + self.attn(x, k, k, need_weights=False)[0])
+
+    inputs = (torch.randn(L, 2, E), torch.randn(S, 2, 4))
+    g = compressc.trace(Cross().eval(), inputs)
+    with pytest.warns(compressc.passes.analysis.channel_groups.ChannelAnalysisWarning, match="shares its columns") as caught:
+        groups = compressc.channel_groups(g)
+    assert sum("shares its columns" in str(w.message) for w in caught) == 1  # key and value are one tensor
+    memory = next(grp for grp in groups if "memory" in grp.member_nodes())
+    assert not memory.prunable and "shares its columns" in memory.reason
+    assert _heads(g).prunable

@@ -90,11 +90,12 @@ def _projection_inputs(ctx: WalkContext, node: fx.Node, states: list[Any], specs
     """Query, key and value channels (their last dim) are columns of their projections; a packed
     ``in_proj_weight`` shares its columns between the three, so they go together or stay."""
     followed = [only_dim(st, ndim(sp) - 1) for st, sp in zip(states, specs)]
-    for st, ok in zip(states, followed):
+    distinct = {id(st): (st, ok) for st, ok in zip(states, followed)}.values()  # self-attention: one input
+    for st, ok in distinct:
         if isinstance(st, Chan) and not ok:
             ctx.freeze(st, node.name, "attention input channels are laid out along another dim")
     if packed and not all(followed):
-        for st, ok in zip(states, followed):
+        for st, ok in distinct:
             if ok:
                 ctx.freeze(st, node.name, "in_proj_weight shares its columns with a query, key or value whose "
                            "channels compressc does not follow")
