@@ -29,6 +29,7 @@ from compressc.evaluation import checked_score
 from compressc.frontends.fx import trace
 from compressc.ir import Graph
 from compressc.pass_context import Instrument, Log, Memory, PassContext, ProgressBars, Timing
+from compressc.passes.analysis.norm_width import norm_paths
 from compressc.passes.lowering.compact import Compact, finalize, predict_bytes, prepare
 from compressc.perf import release
 from compressc.plan import Plan
@@ -120,11 +121,9 @@ def _calibration_inputs(calibration_loader: Iterable | None, n: int = 4) -> list
 
 
 def norm_width_paths(graph: Graph, spec: Spec) -> tuple[str, ...]:
-    """The LayerNorm/RMSNorm modules of ``graph`` whose width the spec lets the solver prune
+    """The norm modules of ``graph`` (``norm_width.norm_paths``) whose width the spec lets the solver prune
     (``actions.prune_norm_width``, or a rule's ``norm_width``): the value of ``Graph.norm_width``."""
-    norms = {n.target for n in graph.nodes() if n.op == "call_module"
-             and isinstance(graph.module.get_submodule(n.target), (nn.LayerNorm, nn.RMSNorm))}
-    return tuple(sorted(path for path in norms if spec.rule_for(path).norm_width))
+    return tuple(path for path in norm_paths(graph) if spec.rule_for(path).norm_width)
 
 
 def _evaluator(model, example_inputs, spec: Spec, *, evaluate, loss_fn, calibration_loader, train_loader,

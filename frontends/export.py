@@ -170,7 +170,8 @@ ATEN_TWINS: dict[Any, Callable[[tuple, dict], tuple[str, Any, tuple, dict]]] = {
         "neg", "exp", "log", "sqrt", "rsqrt", "abs", "sin", "cos", "tanh", "sigmoid", "relu", "erf",
         "reciprocal", "matmul", "mm", "bmm", "addmm", "baddbmm", "permute", "t", "clone",
         "maximum", "minimum", "cat", "stack", "unsqueeze")},
-    aten.where.self: _same(torch.where),
+    aten.where.self: _same(torch.where), aten.where.ScalarOther: _same(torch.where),
+    aten.where.ScalarSelf: _same(torch.where), aten.where.Scalar: _same(torch.where),
     aten.clamp.default: _same(torch.clamp),
     aten.transpose.int: _same(torch.transpose),
     aten.flatten.using_ints: _same(torch.flatten),
@@ -373,4 +374,8 @@ def _emit(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Nod
             op, target = node.op, node.target
     new = graph.create_node(op, target, args, kwargs, name=node.name)
     new.meta["val"] = node.meta.get("val")  # read by twins (ranks); dropped once the graph is built
+    stack = [(path[len(_PREFIX):], cls) for path, cls in (node.meta.get("nn_module_stack") or {}).values()
+             if path.startswith(_PREFIX)]
+    if stack:  # the modules whose forward made this call, as torch.fx records them (norm_width.scope_of)
+        new.meta["nn_module_stack"] = {path: (path, cls) for path, cls in stack}
     return new

@@ -148,6 +148,8 @@ def classify(node: fx.Node, module: nn.Module | None, arg_values: list[Any]) -> 
     if node.op == "call_function" and node.target is operator.getitem:
         first = arg_values[0] if arg_values else None
         return K.SPLIT if isinstance(first, torch.Tensor) else K.GETITEM
+    if node.op == "call_function" and node.target is torch.addmm and _reads_attr(node, 2, "mat2"):
+        return K.LINEAR  # addmm(bias, x, weight[in, out]) on a parameter: a linear layer (GPT-2's Conv1D)
     if node.op == "call_function":
         try:
             return FUNCTION_KINDS.get(node.target, K.OTHER)
@@ -156,3 +158,9 @@ def classify(node: fx.Node, module: nn.Module | None, arg_values: list[Any]) -> 
     if node.op == "call_method":
         return METHOD_KINDS.get(node.target, K.OTHER)
     return K.OTHER
+
+
+def _reads_attr(node: fx.Node, i: int, name: str) -> bool:
+    """Whether argument ``i`` (keyword ``name``) of ``node`` is a parameter or buffer read by get_attr."""
+    arg = node.args[i] if len(node.args) > i else node.kwargs.get(name)
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"

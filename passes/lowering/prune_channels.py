@@ -34,6 +34,7 @@ from compressc.perf import copy_sharing_tensors
 from compressc.ir import META_VALUE, Graph, TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ChannelAnalysis, analyze_channels
 from compressc.passes.analysis.channel_plan import ChannelPlan, InfeasiblePlanError, kept_mask, validate_plan
+from compressc.passes.analysis.norm_width import is_mean_statistic
 from compressc.passes.lowering.attention_heads import attention_weight_masks, lower_attention, run_masked_attention
 
 __all__ = ["prune_channels", "masked_reference", "PruneChannelsPass"]
@@ -223,6 +224,12 @@ def _rewrite_node(node: fx.Node, analysis: ChannelAnalysis, keep: np.ndarray) ->
         _rewrite_split(node, x, spec, [outs] if name == "narrow" else list(outs), keep)
     elif name == "getitem" and isinstance(x, Chan) and isinstance(spec, TensorMeta):
         _rewrite_getitem(node, x, spec, keep)
+    elif node.target in (F.layer_norm, F.rms_norm) and isinstance(spec, TensorMeta):
+        width = _new_size(x, keep, len(spec.shape) - 1)  # a width-pruned functional norm (Graph.norm_width)
+        if width is not None and len(node.args) > 1:
+            node.args = (node.args[0], (width,), *node.args[2:])
+        elif width is not None:
+            node.kwargs = {**node.kwargs, "normalized_shape": (width,)}
 
 
 def prune_channels(graph: Graph, plan: ChannelPlan, *, share_tensors: bool = False) -> fx.GraphModule:
@@ -288,23 +295,41 @@ class _Masking(fx.Interpreter):
         return result if mask is None else _apply(result, mask)
 
     def _norm_over_kept(self, n: fx.Node) -> torch.Tensor | None:
-        """A LayerNorm/RMSNorm whose input lost channels of its normalised dim (``Graph.norm_width``)
-        normalises over the kept channels only: the semantics of a width-pruned norm."""
-        m = self.module.get_submodule(n.target) if n.op == "call_module" else None
-        if not isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or len(m.normalized_shape) != 1 or not n.args:
+        """A norm whose input lost channels of its normalised last dim (``Graph.norm_width``)
+        normalises over the kept channels only: the semantics of a width-pruned norm. That holds for
+        LayerNorm/RMSNorm modules, ``F.layer_norm``/``F.rms_norm`` and the statistic of a norm written
+        by hand (``x.mean(-1, keepdim=True)`` averages over the kept channels)."""
+        x_node = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        mask = self.masks.get(x_node.name) if x_node is not None else None
+        if not isinstance(mask, torch.Tensor) or bool(mask.all()) or mask.dim() == 0:
             return None
-        mask, width = self.masks.get(getattr(n.args[0], "name", None)), m.normalized_shape[0]
-        if not isinstance(mask, torch.Tensor) or mask.shape[-1] != width or bool(mask.all()):
+        x, width = self.env[x_node], mask.shape[-1]
+        if x.dim() != mask.dim() or x.shape[-1] != width or mask.reshape(-1, width).shape[0] != 1:
             return None
-        kept = mask.reshape(-1, width)[0].nonzero().reshape(-1)
-        x = self.env[n.args[0]]
-        w = m.weight[kept] if m.weight is not None else None
-        if isinstance(m, nn.LayerNorm):
-            b = m.bias[kept] if m.bias is not None else None
-            y = F.layer_norm(x[..., kept], (len(kept),), w, b, m.eps)
-        else:
-            y = F.rms_norm(x[..., kept], (len(kept),), w, m.eps)
-        return torch.zeros_like(x).index_copy(-1, kept, y)
+        kept = mask.reshape(-1)
+        if is_mean_statistic(n):  # removed channels are zeros here: their sum over the kept count
+            return x.sum(-1, keepdim=True) / int(kept.sum())
+        kept = kept.nonzero().reshape(-1)
+        y = self._kept_norm(n, x[..., kept], kept)
+        return None if y is None else torch.zeros_like(x).index_copy(-1, kept, y)
+
+    def _kept_norm(self, n: fx.Node, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+        pick = lambda t: t[kept] if isinstance(t, torch.Tensor) else t  # noqa: E731
+        if n.op == "call_module":
+            m = self.module.get_submodule(n.target)
+            if not isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or len(m.normalized_shape) != 1:
+                return None
+            if isinstance(m, nn.LayerNorm):
+                return F.layer_norm(x, (len(kept),), pick(m.weight), pick(m.bias), m.eps)
+            return F.rms_norm(x, (len(kept),), pick(m.weight), m.eps)
+        if n.op != "call_function" or n.target not in (F.layer_norm, F.rms_norm):
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        names = ("weight", "bias", "eps") if n.target is F.layer_norm else ("weight", "eps")
+        rest = {k: v for k, v in zip(names, args[2:])} | kwargs
+        rest.pop("normalized_shape", None)
+        rest = {k: pick(v) if k != "eps" else v for k, v in rest.items()}
+        return n.target(x, (len(kept),), **rest)
 
 
 def _apply(value: Any, mask: Any) -> Any:

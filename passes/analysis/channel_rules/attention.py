@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from compressc.ir import TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ParamRef, WalkContext
-from compressc.passes.analysis.channel_rules.common import arg_of, ndim, only_dim, opaque
+from compressc.passes.analysis.channel_rules.common import arg_of, ndim, only_dim, opaque, shift
 from compressc.passes.analysis.channel_rules.contractions import contract
 
 __all__ = ["sdpa", "multihead_attention"]
@@ -30,12 +30,19 @@ def sdpa(ctx: WalkContext, node: fx.Node) -> None:
     if isinstance(mask, fx.Node):
         # The mask is added to the scores (or selects them) with broadcasting: one that is constant along
         # the scores' channel dims (size 1 there, as a padding or causal mask) leaves the heads free.
+        # A mask laid out along the heads as the scores are (T5's position bias: an embedding with one
+        # output per head) goes with them: a removed head loses its slice of the mask.
         mask_state, mask_spec = ctx.state(mask), ctx.value(mask)
         shape = (1,) * (ndim(scores_spec) - ndim(mask_spec)) + tuple(mask_spec.shape)
-        if isinstance(scores, Chan) and (mask_state is not None or any(shape[d] != 1 for d in scores.dims)):
-            ctx.freeze(scores, node.name, "attention mask that varies along the heads")
-        if isinstance(mask_state, Chan):
-            ctx.freeze(mask_state, node.name, "attention mask whose channels compressc does not follow")
+        aligned = shift(mask_state, ndim(scores_spec) - ndim(mask_spec)) if isinstance(mask_state, Chan) else None
+        if isinstance(scores, Chan) and aligned is not None and aligned.dims == scores.dims \
+                and aligned.slots.shape == scores.slots.shape:
+            ctx.unify(scores.slots, aligned.slots)
+        else:
+            if isinstance(scores, Chan) and (mask_state is not None or any(shape[d] != 1 for d in scores.dims)):
+                ctx.freeze(scores, node.name, "attention mask that varies along the heads")
+            if isinstance(mask_state, Chan):
+                ctx.freeze(mask_state, node.name, "attention mask whose channels compressc does not follow")
     ctx.states[node.name] = contract(ctx, node.name, scores, scores_spec, batch + "ls", ctx.state(v), sv, batch + "sf", batch + "lf")
 
 

@@ -30,7 +30,7 @@ from compressc.passes.analysis.channel_rules.common import (
     opaque,
     tensor_args,
 )
-from compressc.passes.analysis.channel_rules.layers import conv, functional_conv, linear, prelu, recurrent
+from compressc.passes.analysis.channel_rules.layers import addmm_linear, conv, functional_conv, linear, prelu, recurrent
 from compressc.passes.analysis.channel_rules.norms import (
     across_norm,
     functional_norm,
@@ -163,6 +163,8 @@ def function_rule(ctx: WalkContext, node: fx.Node, kind: NodeKind) -> None:
         return
     if kind is K.CONV:
         return functional_conv(ctx, node, x, spec)
+    if kind is K.LINEAR and t is torch.addmm:
+        return addmm_linear(ctx, node)
     if kind is K.LINEAR:
         w, b = ctx.state(arg_of(node, 1, "weight")), ctx.state(arg_of(node, 2, "bias"))
         if not isinstance(w, ParamRef):

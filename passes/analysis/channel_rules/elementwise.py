@@ -10,6 +10,8 @@ import torch.fx as fx
 from compressc.ir import META_VALUE, TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ParamRef, WalkContext
 from compressc.passes.analysis.channel_rules.common import across_dims, arg_of, ndim, norm_dim, shift, tensor_args
+from compressc.passes.analysis.channel_rules.norms import width_prunable
+from compressc.passes.analysis.norm_width import is_mean_statistic, norm_path
 
 __all__ = ["softmax", "pool", "broadcast", "reduce", "unify_layouts"]
 
@@ -55,6 +57,11 @@ def broadcast(ctx: WalkContext, node: fx.Node) -> None:
                 continue
         if isinstance(st, ParamRef):
             ctx.opaque_param(st, node.name)
+        if any(s == 1 for s in sizes):
+            # the same along some dims of a joint layout (a rotary table: one row per position and head
+            # dim, the same for every head): whole slices along those dims (heads) stay prunable
+            ctx.collapse(ref.slots, tuple(ax for ax, s in enumerate(sizes) if s == 1))
+            continue
         # not a warning: the partner is untracked for a reason already reported (or it is a model input)
         ctx.freeze(ref, node.name, "combined with a tensor whose channels compressc does not follow", warn=False)
     ctx.states[node.name] = ref
@@ -71,7 +78,9 @@ def reduce(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta) -> None:
         ctx.states[node.name] = None if not isinstance(out_spec, tuple) else (None, None)
         return
     hit = dims & set(x.dims)
-    if hit:
+    if hit and is_mean_statistic(node) and width_prunable(ctx, norm_path(node), x, spec):
+        ctx.states[node.name] = None  # a hand-written norm's statistic, over the kept channels once pruned
+    elif hit:
         if node.target in _SUMS:
             kept = tuple(ax for ax, d in enumerate(x.dims) if d not in hit)
             out = ctx.collapse(x.slots, kept) if kept else None

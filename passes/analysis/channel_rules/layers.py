@@ -13,7 +13,7 @@ from compressc.ir import META_VALUE, TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ParamRef, WalkContext
 from compressc.passes.analysis.channel_rules.common import arg_of, chan_dim, ndim, only_dim, opaque
 
-__all__ = ["conv", "linear", "prelu", "recurrent", "freeze_inputs_except_first", "functional_conv"]
+__all__ = ["conv", "linear", "addmm_linear", "prelu", "recurrent", "freeze_inputs_except_first", "functional_conv"]
 
 
 def conv(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, m: nn.Module, path: str) -> None:
@@ -63,6 +63,17 @@ def linear(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, weight: st
             ctx.member(node.name, role, tensor, dim, slots)
     ctx.states[node.name] = Chan((ndim(node.meta[META_VALUE]) - 1,), out)
 
+
+
+def addmm_linear(ctx: WalkContext, node: fx.Node) -> None:
+    """``addmm(bias, x, weight)`` with ``weight[in, out]`` a parameter (GPT-2's ``Conv1D``): a linear
+    layer whose weight is stored transposed, followed as one with the weight's dims swapped."""
+    bias, x_arg, w_arg = (arg_of(node, i, n) for i, n in enumerate(("input", "mat1", "mat2")))
+    w, b, out_features = ctx.state(w_arg), ctx.state(bias), ctx.value(w_arg).shape[1]
+    if not isinstance(b, ParamRef) or tuple(ctx.value(bias).shape) != (out_features,):
+        return opaque(ctx, node, "addmm whose bias is not a parameter vector")
+    weight = ParamRef(w.node, w.tensor, tuple(reversed(w.dim_map)))  # value dims as nn.Linear's (out, in)
+    return linear(ctx, node, ctx.state(x_arg), ctx.value(x_arg), weight, b, out_features)
 
 
 def prelu(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, weight: str | ParamRef, n: int) -> None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from compressc.ir import TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ParamRef, WalkContext
 from compressc.passes.analysis.channel_rules.common import across_dims, arg_of, ndim, norm_dim, only_dim, opaque
+from compressc.passes.analysis.norm_width import norm_path
 
 __all__ = ["per_channel_norm", "group_norm", "width_prunable", "across_norm", "functional_norm", "freeze_param_args"]
 
@@ -51,10 +52,10 @@ def group_norm(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, groups
 
 
 
-def width_prunable(ctx: WalkContext, path: str, x: Any, spec: TensorMeta) -> bool:
+def width_prunable(ctx: WalkContext, path: str | None, x: Any, spec: TensorMeta) -> bool:
     """Whether the norm module at ``path`` may lose channels of its normalised last dim (opt-in,
     ``Graph.norm_width``): only when they are the input's one channel dim."""
-    return (isinstance(x, Chan) and x.dims == (ndim(spec) - 1,) and x.slots.ndim == 1
+    return (path is not None and isinstance(x, Chan) and x.dims == (ndim(spec) - 1,) and x.slots.ndim == 1
             and any(fnmatchcase(path, p) for p in ctx.graph.norm_width))
 
 
@@ -77,6 +78,13 @@ def functional_norm(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta) -
     if t is F.layer_norm or t is F.rms_norm:
         shape = arg_of(node, 1, "normalized_shape")
         n = len(shape) if isinstance(shape, (list, tuple)) else 1
+        tensors = [ctx.state(arg_of(node, 2, "weight"))] + ([ctx.state(arg_of(node, 3, "bias"))] if t is F.layer_norm else [])
+        if width_prunable(ctx, norm_path(node), x, spec) and all(tt is None or isinstance(tt, ParamRef) for tt in tensors):
+            for tt in tensors:  # ConvNeXt's norm: F.layer_norm on its parameters, width pruned on opt-in
+                if tt is not None:
+                    ctx.param_member(tt, 0, x.slots, node.name, "norm")
+            ctx.states[node.name] = x
+            return None
         freeze_param_args(ctx, node)
         return across_norm(ctx, node, x, spec, n)
     if t is F.group_norm:

@@ -40,6 +40,13 @@ def concat(ctx: WalkContext, node: fx.Node) -> None:
             for p in parts:
                 ctx.nonempty.append(p)
             ctx.states[node.name] = Chan((dim,), np.concatenate(parts))
+        elif _same_joint_layout(states, chans, dim):
+            # along one dim of a joint layout, every part laid out alike on the others (rotate_half:
+            # the two halves of every head swapped): the parts' slots side by side
+            ax = chans[0].dims.index(dim)
+            for c in chans:
+                ctx.nonempty.append(c.slots.reshape(-1))
+            ctx.states[node.name] = Chan(chans[0].dims, np.concatenate([c.slots for c in chans], axis=ax))
         else:
             opaque(ctx, node, "concatenation along part of a joint channel layout")
         return
@@ -49,6 +56,14 @@ def concat(ctx: WalkContext, node: fx.Node) -> None:
     else:
         broadcast(ctx, node)
 
+
+
+def _same_joint_layout(states: list, chans: list[Chan], dim: int) -> bool:
+    """Every input a Chan over the same dims, with the same slot-array sizes off ``dim``."""
+    if len(chans) != len(states) or any(c.dims != chans[0].dims for c in chans):
+        return False
+    ax = chans[0].dims.index(dim)
+    return len({c.slots.shape[:ax] + c.slots.shape[ax + 1:] for c in chans}) == 1
 
 
 def stack_tensors(ctx: WalkContext, node: fx.Node, states: list, specs: list, dim: int) -> None:
