@@ -1,6 +1,7 @@
 """Hugging Face models of seven families through the torch.export frontend: trace, keep-all
-identity, data-free compile to 25% of fp32 bytes, and an artifact that runs without compressc or
-transformers (checked in a subprocess that blocks both imports)."""
+identity, at least 30% of the parameters cut at 30% per group (task-head models, hidden width on),
+data-free compile to 25% of fp32 bytes, and an artifact that runs without compressc or transformers
+(checked in a subprocess that blocks both imports)."""
 
 import json
 import subprocess
@@ -14,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 import compressc
 from compressc.frontends.export import plain_outputs
 
-from .hf_models import HF_MODELS
+from .hf_models import HF_MODELS, HF_TASK_MODELS
 
 pytest.importorskip("transformers")
 
@@ -43,7 +44,10 @@ def _flat(out):
 
 @pytest.mark.parametrize("name", sorted(HF_MODELS))
 def test_family_traces_and_keep_all_is_bit_identical(name):
-    model, inputs = HF_MODELS[name]()
+    _trace_and_keep_all(*HF_MODELS[name]())
+
+
+def _trace_and_keep_all(model, inputs):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     g = compressc.trace(model, inputs)  # fx fails on the root (**kwargs): the export frontend takes over
     assert g.totals().params == sum(p.numel() for p in model.parameters())
@@ -57,6 +61,36 @@ def test_family_traces_and_keep_all_is_bit_identical(name):
     assert len(actual) == len(expected)
     assert all(torch.equal(a, e) for a, e in zip(actual, expected))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "tracing changed the model"
+    return g
+
+
+def _cut_at_30_percent(g, model, inputs):
+    """Remove 30% (rounded down) of every prunable group's units; the fraction of parameters removed."""
+    groups = [grp for grp in compressc.channel_groups(g) if grp.prunable]
+    plan = {grp.id: list(range(grp.size - int(0.3 * grp.size))) for grp in groups}
+    small = compressc.prune_channels(g, plan)
+    with torch.no_grad():
+        for a, e in zip(_flat(small(*inputs)), _flat(compressc.masked_reference(g, plan)(*inputs))):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    return 1 - sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(set(HF_TASK_MODELS) - {"t5_all_outputs"}))
+def test_task_model_loses_30_percent_of_params_at_30_percent_per_group(name):
+    model, inputs = HF_TASK_MODELS[name]()
+    g = _trace_and_keep_all(model, inputs)
+    g.norm_width = ("*",)  # what --prune-norm-width sets
+    sizes = {grp.size for grp in compressc.channel_groups(g) if grp.prunable}
+    assert 32 in sizes or name == "convnext"  # the hidden width (ConvNeXt's stages are 8..64 wide)
+    assert _cut_at_30_percent(g, model, inputs) >= 0.30
+
+
+def test_an_output_of_the_hidden_width_keeps_it():
+    model, inputs = HF_TASK_MODELS["t5_all_outputs"]()  # logits and the encoder's last hidden state
+    g = compressc.trace(model, inputs)
+    g.norm_width = ("*",)
+    width = [grp for grp in compressc.channel_groups(g) if grp.size == 32]
+    assert width and not any(grp.prunable for grp in width) and "model output" in width[0].reason
 
 
 def _compile_and_load(name, tmp_path):

@@ -19,6 +19,7 @@ Precondition: the graph comes from ``compressc.trace``; the plan's group ids com
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -127,6 +128,13 @@ def _rewrite_shape_args(node: fx.Node, out: Any, keep: np.ndarray, first: int, d
         key = "shape" if "shape" in node.kwargs else "size"
         sizes, packed = list(node.kwargs[key]), None
     out_shape = node.meta[META_VALUE].shape
+    if packed is False and len(sizes) == 1 and isinstance(sizes[0], fx.Node) and len(out_shape) > 1:
+        # one shape tuple computed in the graph (``x.view(x.size()[:-1] + (n,))``, GPT-2's Conv1D): its
+        # entries are read one by one, so the channel dims can take their new sizes
+        whole = sizes[0]
+        with node.graph.inserting_before(node):
+            sizes = [node.graph.call_function(operator.getitem, (whole, i)) for i in range(len(out_shape))]
+        packed = True
     for i in range(len(sizes)):
         new = _new_size(out, keep, i)
         if new is not None and not (node.target in ("expand",) and sizes[i] == -1):

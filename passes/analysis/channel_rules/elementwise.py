@@ -10,7 +10,7 @@ import torch.fx as fx
 from compressc.ir import META_VALUE, TensorMeta
 from compressc.passes.analysis.channel_groups import Chan, ParamRef, WalkContext
 from compressc.passes.analysis.channel_rules.common import across_dims, arg_of, ndim, norm_dim, shift, tensor_args
-from compressc.passes.analysis.channel_rules.norms import width_prunable
+from compressc.passes.analysis.channel_rules.norms import NORM_REASON, width_prunable
 from compressc.passes.analysis.norm_width import is_mean_statistic, norm_path
 
 __all__ = ["softmax", "pool", "broadcast", "reduce", "unify_layouts"]
@@ -87,7 +87,7 @@ def reduce(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta) -> None:
             new_dims = tuple(d if keepdim else d - sum(r < d for r in dims) for d in x.dims if d not in hit)
             ctx.states[node.name] = Chan(new_dims, out) if kept else None
         else:
-            ctx.freeze(x, node.name, "reduced across channels by an op other than sum")
+            ctx.freeze(x, node.name, NORM_REASON if is_mean_statistic(node) else "reduced across channels by an op other than sum")
             ctx.states[node.name] = None
     else:
         new_dims = tuple(d if keepdim else d - sum(r < d for r in dims) for d in x.dims)

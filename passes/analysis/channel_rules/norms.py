@@ -14,7 +14,10 @@ from compressc.passes.analysis.channel_groups import Chan, ParamRef, WalkContext
 from compressc.passes.analysis.channel_rules.common import across_dims, arg_of, ndim, norm_dim, only_dim, opaque
 from compressc.passes.analysis.norm_width import norm_path
 
-__all__ = ["per_channel_norm", "group_norm", "width_prunable", "across_norm", "functional_norm", "freeze_param_args"]
+__all__ = ["per_channel_norm", "group_norm", "width_prunable", "across_norm", "functional_norm", "freeze_param_args",
+           "NORM_REASON"]
+
+NORM_REASON = "normalises across these channels (removing one changes the statistics of the rest)"
 
 
 def per_channel_norm(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, tensors: list) -> None:
@@ -62,8 +65,7 @@ def width_prunable(ctx: WalkContext, path: str | None, x: Any, spec: TensorMeta)
 
 def across_norm(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta, n_dims: int) -> None:
     rank = ndim(spec)
-    return across_dims(ctx, node, x, spec, set(range(rank - n_dims, rank)),
-                        "normalises across these channels (removing one changes the statistics of the rest)")
+    return across_dims(ctx, node, x, spec, set(range(rank - n_dims, rank)), NORM_REASON)
 
 
 

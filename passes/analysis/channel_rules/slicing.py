@@ -138,6 +138,8 @@ def index(ctx: WalkContext, node: fx.Node, x: Any, spec: TensorMeta) -> None:
     rank = ndim(spec)
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
         return opaque(ctx, node, "advanced (tensor) indexing") if isinstance(x, Chan) else set_none(ctx, node)
+    if any(isinstance(b, fx.Node) for i in items if isinstance(i, slice) for b in (i.start, i.stop, i.step)):
+        return opaque(ctx, node, "slicing with bounds computed in the graph") if isinstance(x, Chan) else set_none(ctx, node)
     consuming = sum(1 for i in items if i is not None and i is not Ellipsis)
     in_d, out_d = 0, 0
     dims, slots = (list(x.dims), x.slots) if isinstance(x, Chan) else ([], None)
