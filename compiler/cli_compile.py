@@ -52,7 +52,7 @@ def default_output_dir(model_file: Path) -> Path:
 @click.option("--allow-layer-removal", is_flag=True, default=None,
               help="Let the solver remove whole residual blocks and shape-preserving layers (actions.remove_layers).")
 @click.option("--prune-norm-width", is_flag=True, default=None,
-              help="Also prune the width normalised by LayerNorm/RMSNorm (the residual stream; actions.prune_norm_width).")
+              help="Also prune the width norms normalise (LayerNorm/RMSNorm, F.layer_norm, hand-written: the residual stream; actions.prune_norm_width).")
 @click.option("--max-evaluations", type=int, help="Score-based search: plans scored at most (e.g. 40).")
 @click.option("--time-limit", help="Score-based search: wall-time limit (90s, 10m, 1h30m).")
 @click.option("--executor", help="Where candidates are scored: serial, processes or ray.")

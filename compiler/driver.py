@@ -203,7 +203,7 @@ def compile(
     (``RandomSolver(samples=64)``); ``max_evaluations``, ``time_limit``, ``executor`` and ``workers``
     override the spec's ``[search]`` table; ``model_file``: the file ``model`` came from, so that worker
     processes rebuild it from there; ``frontend``: ``auto`` (default), ``fx`` or ``export``, how the model is
-    traced (``compressc.trace``); ``prune_norm_width``: also prune the width LayerNorm/RMSNorm normalise
+    traced (``compressc.trace``); ``prune_norm_width``: also prune the width norms normalise (modules, functional, by hand)
     (``actions.prune_norm_width``; docs/transformers.md).
 
     Its phases (trace, evaluate, sensitivity, solve, candidates, lower, recovery, finalize) run in a

@@ -463,7 +463,7 @@ class LayerRule:
 class ResolvedRule:
     """The settings of one module after all matching rules: ``bits``/``sparsity`` ``None`` means the
     solver chooses from the actions' grids; ``prune`` defaults to ``actions.prune_channels`` and
-    ``norm_width`` (a LayerNorm/RMSNorm module may lose channels of its normalised dim) to
+    ``norm_width`` (a norm module may lose channels of its normalised dim) to
     ``actions.prune_norm_width``; ``matched`` lists the patterns that applied, in order."""
 
     module: str
