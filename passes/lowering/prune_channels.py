@@ -322,7 +322,9 @@ class _Masking(fx.Interpreter):
         return None if y is None else torch.zeros_like(x).index_copy(-1, kept, y)
 
     def _kept_norm(self, n: fx.Node, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
-        pick = lambda t: t[kept] if isinstance(t, torch.Tensor) else t  # noqa: E731
+        def pick(t: Any) -> Any:  # a weight or bias at the kept channels
+            return t[kept] if isinstance(t, torch.Tensor) else t
+
         if n.op == "call_module":
             m = self.module.get_submodule(n.target)
             if not isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or len(m.normalized_shape) != 1:
