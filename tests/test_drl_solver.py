@@ -16,6 +16,7 @@ import compressc
 import compressc.solvers.convex
 from compressc.cli import main
 from compressc.errors import UserError
+from compressc.pass_context import PassContext
 from compressc.plan import Plan
 from compressc.search import Evaluator, SearchBudget
 from compressc.search.problem import Budget, Problem
@@ -191,6 +192,70 @@ def test_the_first_episode_replays_the_prior_and_the_result_scores_no_worse(stag
     assert score(plan) >= score(prior)
 
 
+# -- scoring steps, later solves on a spent budget, progress ---------------------------------------------
+def _steps_seen(problem: Problem, budget: SearchBudget = SearchBudget()) -> Evaluator:
+    """An evaluator (objective score) that records, in ``steps_seen``, the ``steps`` each ``score_many`` asks for."""
+    ev = Evaluator.from_function(lambda plan: -problem.objective(problem.choice_of(plan)), budget=budget)
+    ev.steps_seen, score_many = [], ev.score_many
+
+    def recording(plans, steps=0):
+        ev.steps_seen.append(steps)
+        return score_many(plans, steps=steps)
+
+    ev.score_many = recording
+    return ev
+
+
+@pytest.mark.parametrize("steps", [0, 10])
+def test_episodes_are_scored_after_the_given_distillation_steps(steps):
+    problem = coupled_problem(5, 4)
+    problem.evaluator = ev = _steps_seen(problem)
+    solver = DRLSolver(episodes=8, round_size=4, hidden=8, steps=steps)
+    solver.solve(problem, _budget(problem, 0.4), np.random.default_rng(0))
+    assert ev.steps_seen and set(ev.steps_seen) == {steps}
+    assert solver.statistics()["steps"] == steps
+    assert DRLSolver().steps == 10  # the CLI's default: a fine-tuned result is what the score must rank
+
+
+def test_a_solve_with_no_evaluation_left_returns_the_prior_and_every_solve_is_summarised():
+    """The driver calls again for bit floors on what is left of the evaluations: a call that can score
+    nothing returns the prior's plan (not the most compressed one), and ``solves`` lists both calls."""
+    problem = coupled_problem(6, 4, overhead=True)
+    budget = _budget(problem, 0.3)
+    problem.evaluator = _steps_seen(problem, SearchBudget(max_evaluations=6))
+    solver = DRLSolver(round_size=3, hidden=8)
+    solver.solve(problem, budget, np.random.default_rng(0))
+    first = problem.evaluator.stats()["evaluations"]
+    problem.evaluator.charge(problem.evaluator.remaining)  # whatever the first call left, another spent
+    again = solver.solve(problem, budget, np.random.default_rng(0))
+    prior = compressc.solvers.convex.ConvexSolver().solve(problem, budget, np.random.default_rng(0))
+    assert again == prior != problem.plan(problem.most_compressed())
+    solves = solver.statistics()["solves"]
+    assert [s["returned"] for s in solves] == ["best episode", "prior"]
+    assert [s["evaluations"] for s in solves] == [first, 0] and solves[0]["episodes"] >= first > 0
+    fresh = _steps_seen(problem, SearchBudget(max_evaluations=6))  # a new search: the summaries start afresh
+    problem.evaluator = fresh
+    solver.solve(problem, budget, np.random.default_rng(0))
+    assert len(solver.statistics()["solves"]) == 1
+
+
+def test_episodes_are_reported_as_a_task_of_the_context():
+    updates: list[tuple[str, int, int | None]] = []
+
+    class Seen:
+        def task_updated(self, task):
+            updates.append((task.description, task.completed, task.total))
+
+    problem = coupled_problem(7, 4)
+    problem.evaluator = _steps_seen(problem, SearchBudget(max_evaluations=8))
+    solver = DRLSolver(round_size=4, hidden=8)
+    solver.ctx = PassContext(instruments=(Seen(),))
+    solver.solve(problem, _budget(problem, 0.4), np.random.default_rng(0))
+    assert updates and {d for d, _, _ in updates} == {"drl: evaluations"}
+    done = [c for _, c, _ in updates]
+    assert done == sorted(done) and updates[-1][1:] == (problem.evaluator.stats()["evaluations"], 8)
+
+
 # -- statistics, plot, options, CLI ----------------------------------------------------------------------
 def test_statistics_hold_the_learning_curves_and_the_plot_draws_them(tmp_path):
     pytest.importorskip("matplotlib")
@@ -226,7 +291,7 @@ def test_plot_before_any_episode_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("options", [{"stages": "quantize"}, {"episodes": 0}, {"warmup": 1.5}, {"round_size": 2.0},
-                                     {"noise": -1}, {"flops_weight": True},
+                                     {"noise": -1}, {"flops_weight": True}, {"steps": -1}, {"steps": 2.5},
                                      {"prior": "uniform"}])
 def test_bad_options_are_solver_errors(options):
     with pytest.raises(SolverError, match="solver 'drl' does not take"):

@@ -8,8 +8,9 @@ knob's layer features, its kind, the budget used and left, the previous action);
 clamped so that the remaining knobs at their most compressed options still meet the budget
 (``compressc.solvers.drl.walk``), so every episode's plan fits, with no repair step.
 
-An episode's reward is its plan's score, ``problem.evaluator.score(plan, steps=0)`` (BatchNorm
-re-estimated, no fine-tuning), minus ``flops_weight`` times its FLOPs as a fraction of the
+An episode's reward is its plan's score, ``problem.evaluator.score(plan, steps=steps)`` (BatchNorm
+re-estimated, then ``steps`` distillation steps; ``steps=0`` is the anchors' score, which on digits at
+4KB ranks plans against their fine-tuned accuracy no better than chance), minus ``flops_weight`` times its FLOPs as a fraction of the
 uncompressed model's in stage 1; without an evaluator (toy problems) the score is minus the additive
 objective. The first episode of each stage is a demonstration (DDPG from demonstrations): the
 ``prior`` solver's plan (``convex`` by default; ``greedy``, or ``none``) replayed through the same
@@ -19,10 +20,11 @@ of ``round_size`` with one policy, scored together with
 ``score_many`` (in parallel on the executor); the agent learns between rounds. The first ``warmup`` of
 each stage's episodes take uniformly random actions; after them, exploration is truncated-normal
 noise shrinking geometrically from ``noise`` to ``noise_final``. The solver returns the best-rewarded
-plan it scored; ties go to the earlier episode.
+plan it scored; ties go to the earlier episode. When it could score nothing (the evaluations were spent,
+as on the driver's later calls for bit floors at extreme ratios), it returns the prior's plan.
 
 Episodes: with ``--max-evaluations`` the stages share the evaluator's budget (half each; cache hits
-are free; a stage whose last three rounds were all cache hits has collapsed and stops), else
+are free; every ``solve`` on the same evaluator is listed in ``statistics()["solves"]``; a stage whose last three rounds were all cache hits has collapsed and stops), else
 ``episodes`` in all (half each); with only a ``--time-limit`` stage 1 stops at half of it.
 
 >>> from compressc.search.problem import Budget, Problem
@@ -42,6 +44,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from compressc.pass_context import PassContext
 from compressc.plan import Plan
 from compressc.search.problem import Budget, Choice, Problem
 from compressc.solvers.drl.agent import DDPGAgent
@@ -60,20 +63,22 @@ class DRLSolver:
     ``hidden`` (width of the networks' two hidden layers), ``noise`` / ``noise_final`` (exploration
     width after warm-up, first and last), ``updates`` (gradient steps per transition stored),
     ``flops_weight`` (stage 1's reward: score minus this times the FLOPs fraction), ``prior`` (the
-    solver whose plan the first episodes replay: ``convex``, ``greedy`` or ``none``)."""
+    solver whose plan the first episodes replay: ``convex``, ``greedy`` or ``none``), ``steps``
+    (distillation steps before an episode's plan is scored; 0: lowered and BatchNorm re-estimated only).
+    Episodes are reported as a task of ``ctx`` (the compile's ``PassContext``: its progress bars)."""
 
     name: ClassVar[str] = "drl"
     capabilities: ClassVar[frozenset[str]] = frozenset({"bytes", "flops", "score"})
 
     def __init__(self, stages: str = "prune,quantize", episodes: int = 120, warmup: float = 0.25,
                  round_size: int = 8, hidden: int = 64, noise: float = 0.5, noise_final: float = 0.05,
-                 updates: int = 2, flops_weight: float = 0.0, prior: str = "convex") -> None:
+                 updates: int = 2, flops_weight: float = 0.0, prior: str = "convex", steps: int = 10) -> None:
         if stages not in STAGES:
             raise TypeError(f"stages must be one of {', '.join(repr(s) for s in STAGES)}, got {stages!r}")
         if prior not in PRIORS:
             raise TypeError(f"prior must be one of {', '.join(repr(s) for s in PRIORS)}, got {prior!r}")
         for option, value, low in (("episodes", episodes, 1), ("round_size", round_size, 1), ("hidden", hidden, 1),
-                                   ("updates", updates, 0)):
+                                   ("updates", updates, 0), ("steps", steps, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise TypeError(f"{option} must be an integer >= {low}, got {value!r}")
         for option, value, lo, hi in (("warmup", warmup, 0.0, 1.0), ("noise", noise, 1e-6, 10.0),
@@ -82,15 +87,23 @@ class DRLSolver:
                 raise TypeError(f"{option} must be a number in [{lo}, {hi}], got {value!r}")
         self.stages, self.episodes, self.warmup, self.round_size = stages, episodes, float(warmup), round_size
         self.hidden, self.noise, self.noise_final, self.updates = hidden, float(noise), float(noise_final), updates
-        self.flops_weight, self.prior = float(flops_weight), prior
+        self.flops_weight, self.prior, self.steps = float(flops_weight), prior, steps
         self._stats: dict[str, Any] = {}
+        self._solves: list[dict[str, Any]] = []  # one summary per solve on the same evaluator
+        self._evaluator: Any = None
+        self.ctx = PassContext()  # where episodes are reported (the driver sets its own: bars, logs)
 
     # -- results ---------------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
         """What the last ``solve`` did: episodes per stage, the best and first scores, and the
         learning curves (per episode: ``stage``, ``reward``, ``score``, ``bytes``, ``flops``, ``best``
-        (best reward so far), ``warmup`` (a random-action episode))."""
-        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._stats.items()}
+        (best reward so far), ``warmup`` (a random-action episode)); and ``solves``, one summary per
+        ``solve`` on the same evaluator (the driver calls again for bit floors at extreme ratios, on
+        what is left of the evaluations): its budget, episodes, evaluations, best score and what it
+        returned (``best episode``, ``prior`` or ``most compressed``)."""
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._stats.items()}
+        out["solves"] = [dict(s) for s in self._solves]
+        return out
 
     def plot(self, path) -> None:
         """Draw the last ``solve``'s learning curves to ``path`` (PNG, PDF or SVG, by its suffix)."""
@@ -100,32 +113,52 @@ class DRLSolver:
 
     # -- the search ------------------------------------------------------------------------------
     def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan:
+        ev = problem.evaluator
+        if ev is None or ev is not self._evaluator:  # a new search: the summaries start afresh
+            self._solves, self._evaluator = [], ev
+        spent = ev.stats()["evaluations"] if ev is not None else 0
+        choice, returned = self._search(problem, budget, rng)
+        self._solves.append({"budget_bytes": budget.bytes, "budget_flops": budget.flops,
+                             "episodes": self._stats["episodes"], "best_score": self._stats["best_score"],
+                             "evaluations": (ev.stats()["evaluations"] - spent) if ev is not None else 0,
+                             "returned": returned})
+        return problem.plan(choice)
+
+    def _search(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> tuple[Choice, str]:
         self._curve: dict[str, list] = {k: [] for k in ("stage", "reward", "score", "bytes", "flops", "best", "warmup")}
         self._best: tuple[float, Choice] | None = None
         self._stats = {"stages": [], "episodes": 0, "scored": 0, "first_score": None, "best_score": None,
                        "best_reward": None, "budget_bytes": budget.bytes, "budget_flops": budget.flops,
-                       "curve": self._curve}
+                       "steps": self.steps, "curve": self._curve}
         top = problem.uncompressed()
         if problem.feasible(top, budget):
-            return problem.plan(top)
+            return top, "best episode"
         self._t0 = time.perf_counter()
         self._top_flops = max(1, problem.flops(top)) if self.flops_weight else 1
         plans: list[Stage | None] = [joint_stage(problem)] if self.stages == "joint" else [prune_stage(problem), None]
-        self._demos: list[Choice] = [] if self.prior == "none" else [self._prior(problem, budget)]
-        for k, stage in enumerate(plans):
-            if stage is None:  # stage 2 starts from stage 1's best channels, sparsity and bits
-                stage = quantize_stage(problem, self._best[1] if self._best else plans[0].floor(problem))
-                self._demos = ([self._best[1]] if self._best else []) + self._demos
-            if not stage.knobs:
-                continue
-            share, last = self._share(problem, k, [p for p in plans[k:] if p is None or p.knobs])
-            if share <= 0:
-                break
-            self._run_stage(problem, budget, stage, share, last, rng)
+        prior = None if self.prior == "none" else self._prior(problem, budget)
+        self._demos: list[Choice] = [] if prior is None else [prior]
+        ev = problem.evaluator
+        bounded = ev is not None and ev.budget.max_evaluations is not None
+        self._spent0 = ev.stats()["evaluations"] if bounded else 0
+        with self.ctx.task(f"{self.name}: {'evaluations' if bounded else 'episodes'}",
+                           total=ev.remaining if bounded else self.episodes) as self._task:
+            for k, stage in enumerate(plans):
+                if stage is None:  # stage 2 starts from stage 1's best channels, sparsity and bits
+                    stage = quantize_stage(problem, self._best[1] if self._best else plans[0].floor(problem))
+                    self._demos = ([self._best[1]] if self._best else []) + self._demos
+                if not stage.knobs:
+                    continue
+                share, last = self._share(problem, k, [p for p in plans[k:] if p is None or p.knobs])
+                if share <= 0:
+                    break
+                self._run_stage(problem, budget, stage, share, last, rng)
         self._stats["best_reward"] = None if self._best is None else self._best[0]
-        if self._best is None:  # nothing was scored (no evaluation left): the floor fits by contract
-            return problem.plan(problem.most_compressed())
-        return problem.plan(self._best[1])
+        if self._best is not None:
+            return self._best[1], "best episode"
+        if prior is not None:  # nothing was scored (no evaluation left): the prior's plan, which fits
+            return prior, "prior"
+        return problem.most_compressed(), "most compressed"  # fits by contract
 
     def _prior(self, problem: Problem, budget: Budget) -> Choice:
         """The prior solver's plan, as a choice: each stage's first episodes replay it (and stage 2 the
@@ -183,6 +216,8 @@ class DRLSolver:
                 agent.remember(episode.steps, reward)
                 added += len(episode.steps)
             episodes += len(batch)
+            self._task.update(completed=(ev.stats()["evaluations"] - self._spent0) if counts_evaluations else
+                              self._stats["episodes"], detail=f"{stage.name}, best score {self._stats['best_score'] or 0:.4g}")
             before, done = done, (ev.stats()["evaluations"] - start_evaluations) if counts_evaluations else episodes
             stalled = stalled + 1 if done == before else 0  # rounds of plans the cache already knew: a collapsed stage
             if done >= warm:
@@ -194,7 +229,7 @@ class DRLSolver:
     def _score(self, problem: Problem, choices: list[Choice]) -> list[float | None]:
         if problem.evaluator is None:
             return [-problem.objective(c) for c in choices]
-        return problem.evaluator.score_many([problem.plan(c) for c in choices], steps=0)
+        return problem.evaluator.score_many([problem.plan(c) for c in choices], steps=self.steps)
 
     def _record(self, problem: Problem, stage: Stage, choice: Choice, score: float, random_actions: bool) -> float:
         flops = problem.flops(choice) if self.flops_weight else None
