@@ -214,7 +214,27 @@ def test_episodes_are_scored_after_the_given_distillation_steps(steps):
     solver.solve(problem, _budget(problem, 0.4), np.random.default_rng(0))
     assert ev.steps_seen and set(ev.steps_seen) == {steps}
     assert solver.statistics()["steps"] == steps
-    assert DRLSolver().steps == 10  # the CLI's default: a fine-tuned result is what the score must rank
+
+
+def test_auto_steps_score_for_the_result_the_compile_ships():
+    """``steps="auto"``: FINETUNED_STEPS when the compile fine-tunes (its recipe has epochs and the
+    workload training batches), else 0 (the plan ships as lowered, so that is the score to rank)."""
+    import torch
+
+    from compressc.search.scoring import Workload
+    from compressc.solvers.drl.solver import FINETUNED_STEPS
+    from compressc.spec import Finetune
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    batches = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    problem = coupled_problem(5, 3)
+    for epochs, loader, expected in ((2, batches, FINETUNED_STEPS), (0, batches, 0), (2, None, 0)):
+        problem.evaluator = Evaluator(Workload.in_memory(net, (torch.randn(1, 4),), train_loader=loader,
+                                                         recipe=Finetune(epochs=epochs)))
+        assert DRLSolver().steps_for(problem) == expected
+        assert DRLSolver(steps=3).steps_for(problem) == 3
+    problem.evaluator = None
+    assert DRLSolver().steps_for(problem) == 0
 
 
 def test_a_solve_with_no_evaluation_left_returns_the_prior_and_every_solve_is_summarised():
@@ -291,7 +311,7 @@ def test_plot_before_any_episode_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("options", [{"stages": "quantize"}, {"episodes": 0}, {"warmup": 1.5}, {"round_size": 2.0},
-                                     {"noise": -1}, {"flops_weight": True}, {"steps": -1}, {"steps": 2.5},
+                                     {"noise": -1}, {"flops_weight": True}, {"steps": -1}, {"steps": 2.5}, {"steps": "many"},
                                      {"prior": "uniform"}])
 def test_bad_options_are_solver_errors(options):
     with pytest.raises(SolverError, match="solver 'drl' does not take"):

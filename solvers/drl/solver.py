@@ -10,7 +10,8 @@ clamped so that the remaining knobs at their most compressed options still meet 
 
 An episode's reward is its plan's score, ``problem.evaluator.score(plan, steps=steps)`` (BatchNorm
 re-estimated, then ``steps`` distillation steps; ``steps=0`` is the anchors' score, which on digits at
-4KB ranks plans against their fine-tuned accuracy no better than chance), minus ``flops_weight`` times its FLOPs as a fraction of the
+4KB ranks plans against their fine-tuned accuracy no better than chance; ``"auto"``, the default:
+``FINETUNED_STEPS`` when the compile fine-tunes the plan it ships, else 0), minus ``flops_weight`` times its FLOPs as a fraction of the
 uncompressed model's in stage 1; without an evaluator (toy problems) the score is minus the additive
 objective. The first episode of each stage is a demonstration (DDPG from demonstrations): the
 ``prior`` solver's plan (``convex`` by default; ``greedy``, or ``none``) replayed through the same
@@ -50,10 +51,13 @@ from compressc.search.problem import Budget, Choice, Problem
 from compressc.solvers.drl.agent import DDPGAgent
 from compressc.solvers.drl.walk import Episode, Stage, Walk, joint_stage, prune_stage, quantize_stage
 
-__all__ = ["DRLSolver", "STAGES", "PRIORS"]
+__all__ = ["DRLSolver", "STAGES", "PRIORS", "FINETUNED_STEPS"]
 
 STAGES = ("prune,quantize", "joint")
 PRIORS = ("convex", "greedy", "none")
+#: ``steps="auto"`` when the compile fine-tunes: on digits at 4KB the rank correlation of a plan's
+#: score after 10 steps with its score after 40 was 0.75 (20 random plans), at 0 steps -0.08.
+FINETUNED_STEPS = 10
 
 
 class DRLSolver:
@@ -64,7 +68,9 @@ class DRLSolver:
     width after warm-up, first and last), ``updates`` (gradient steps per transition stored),
     ``flops_weight`` (stage 1's reward: score minus this times the FLOPs fraction), ``prior`` (the
     solver whose plan the first episodes replay: ``convex``, ``greedy`` or ``none``), ``steps``
-    (distillation steps before an episode's plan is scored; 0: lowered and BatchNorm re-estimated only).
+    (distillation steps before an episode's plan is scored; 0: lowered and BatchNorm re-estimated only;
+    ``"auto"``: ``FINETUNED_STEPS`` when the evaluator's recipe fine-tunes and it has training batches,
+    else 0).
     Episodes are reported as a task of ``ctx`` (the compile's ``PassContext``: its progress bars)."""
 
     name: ClassVar[str] = "drl"
@@ -72,13 +78,14 @@ class DRLSolver:
 
     def __init__(self, stages: str = "prune,quantize", episodes: int = 120, warmup: float = 0.25,
                  round_size: int = 8, hidden: int = 64, noise: float = 0.5, noise_final: float = 0.05,
-                 updates: int = 2, flops_weight: float = 0.0, prior: str = "convex", steps: int = 10) -> None:
+                 updates: int = 2, flops_weight: float = 0.0, prior: str = "convex", steps: int | str = "auto") -> None:
         if stages not in STAGES:
             raise TypeError(f"stages must be one of {', '.join(repr(s) for s in STAGES)}, got {stages!r}")
         if prior not in PRIORS:
             raise TypeError(f"prior must be one of {', '.join(repr(s) for s in PRIORS)}, got {prior!r}")
         for option, value, low in (("episodes", episodes, 1), ("round_size", round_size, 1), ("hidden", hidden, 1),
-                                   ("updates", updates, 0), ("steps", steps, 0)):
+                                   ("updates", updates, 0),
+                                  *((("steps", steps, 0),) if steps != "auto" else ())):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise TypeError(f"{option} must be an integer >= {low}, got {value!r}")
         for option, value, lo, hi in (("warmup", warmup, 0.0, 1.0), ("noise", noise, 1e-6, 10.0),
@@ -129,7 +136,7 @@ class DRLSolver:
         self._best: tuple[float, Choice] | None = None
         self._stats = {"stages": [], "episodes": 0, "scored": 0, "first_score": None, "best_score": None,
                        "best_reward": None, "budget_bytes": budget.bytes, "budget_flops": budget.flops,
-                       "steps": self.steps, "curve": self._curve}
+                       "steps": self.steps_for(problem), "curve": self._curve}
         top = problem.uncompressed()
         if problem.feasible(top, budget):
             return top, "best episode"
@@ -229,7 +236,15 @@ class DRLSolver:
     def _score(self, problem: Problem, choices: list[Choice]) -> list[float | None]:
         if problem.evaluator is None:
             return [-problem.objective(c) for c in choices]
-        return problem.evaluator.score_many([problem.plan(c) for c in choices], steps=self.steps)
+        return problem.evaluator.score_many([problem.plan(c) for c in choices], steps=self._stats["steps"])
+
+    def steps_for(self, problem: Problem) -> int:
+        """The ``steps`` episodes are scored after (``"auto"`` resolved on the problem's evaluator)."""
+        if self.steps != "auto":
+            return self.steps
+        workload = getattr(problem.evaluator, "workload", None)
+        finetunes = workload is not None and workload.recipe.epochs > 0 and bool(workload.train_batches)
+        return FINETUNED_STEPS if finetunes else 0
 
     def _record(self, problem: Problem, stage: Stage, choice: Choice, score: float, random_actions: bool) -> float:
         flops = problem.flops(choice) if self.flops_weight else None
