@@ -107,7 +107,7 @@ class DRLSolver:
         (best reward so far), ``warmup`` (a random-action episode)); and ``solves``, one summary per
         ``solve`` on the same evaluator (the driver calls again for bit floors at extreme ratios, on
         what is left of the evaluations): its budget, episodes, evaluations, best score and what it
-        returned (``best episode``, ``prior`` or ``most compressed``)."""
+        returned (``best episode``, ``prior``, ``most compressed`` or ``uncompressed``)."""
         out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._stats.items()}
         out["solves"] = [dict(s) for s in self._solves]
         return out
@@ -139,7 +139,7 @@ class DRLSolver:
                        "steps": self.steps_for(problem), "curve": self._curve}
         top = problem.uncompressed()
         if problem.feasible(top, budget):
-            return top, "best episode"
+            return top, "uncompressed"
         self._t0 = time.perf_counter()
         self._top_flops = max(1, problem.flops(top)) if self.flops_weight else 1
         plans: list[Stage | None] = [joint_stage(problem)] if self.stages == "joint" else [prune_stage(problem), None]
