@@ -16,15 +16,24 @@ returned the same plan.
     python benchmarks/digits_pareto.py --solvers --speedup 8KB --max-evaluations 60
 
 ``--allow-layer-removal`` lets every solver remove blocks (the note then names those removed);
-``--steps K`` has the score-based solvers with a ``steps`` option (random, n2n) score each candidate
+``--steps K`` has the score-based solvers with a ``steps`` option (random, drl, n2n) score each candidate
 after ``K`` distillation steps::
 
     python benchmarks/digits_pareto.py --solvers convex random n2n --sizes 8KB 4KB --epochs 2 \
         --max-evaluations 40 --steps 10 --allow-layer-removal
 
-or, for the DRL agent::
+or, for the DRL agent, over three seeds (``--seeds``: each compile's ``seed``; the table then has one
+row per size and solver with the mean accuracy, its spread (min..max) and every seed's)::
 
-    python benchmarks/digits_pareto.py --solvers convex random drl --sizes 8KB 4KB --epochs 2 --max-evaluations 60
+    python benchmarks/digits_pareto.py --solvers convex random drl --sizes 8KB 4KB --epochs 2 \
+        --max-evaluations 60 --seeds 0 1 2
+
+Every compile loads the example afresh: its ``train_loader`` shuffles with one generator that each
+pass advances, so the next compile would otherwise start where the last one stopped. Within a compile
+a score-based search draws its training batches from the same loader first, so its fine-tuning (and
+the candidates' probes at extreme ratios) see another order than a solver that does not search;
+``--fixed-order`` reseeds the loader on every pass, so every compile and every candidate sees the
+same batches (the same order each epoch, too).
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ def main() -> None:
     parser.add_argument("--allow-layer-removal", action="store_true", help="every solver may remove blocks")
     parser.add_argument("--speedup", metavar="SIZE", help="time the ga search at SIZE: serial vs processes x2")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--fixed-order", action="store_true", help="reseed the train loader on every pass")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one compile per seed; mean and spread")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -75,26 +86,15 @@ def main() -> None:
     rows = []
     for size in args.sizes if args.solvers else []:
         for solver in args.solvers:
-            t0 = time.perf_counter()
-            scored = "score" in get_solver(solver).capabilities
-            try:
-                result = compressc.compile(
-                    digits.build_model(), (digits.example_input,), target_size=size,
-                    solver=get_solver(solver, steps=args.steps) if scored and args.steps is not None else solver,
-                    evaluate=digits.evaluate, train_loader=digits.train_loader,
-                    calibration_loader=digits.calibration_loader, finetune_epochs=args.epochs, progress=False,
-                    max_evaluations=args.max_evaluations if scored else None,
-                    allow_layer_removal=args.allow_layer_removal or None,
-                )
-                acc = result.report["compressed"]["accuracy"]
-                nbytes = result.report["weights_bytes"]
-                search = result.report.get("search") or {}
-                note = f"{search['evaluations']} evaluations, search {search['wall_s']:.0f} s" if search else ""
-                removed = ", ".join(result.report["plan"].get("removed", ()))
-                note += f"{'; ' if note else ''}removed {removed}" if removed else ""
-            except compressc.UserError as e:
-                acc, nbytes, note = None, None, str(e).splitlines()[0]
-            rows.append((size, solver, nbytes, acc, time.perf_counter() - t0, note))
+            runs = [compile_one(size, solver, seed, args) for seed in args.seeds]
+            accs = [acc for _, acc, _, _ in runs if acc is not None]
+            acc = sum(accs) / len(accs) if accs else None
+            nbytes = max((n for n, _, _, _ in runs if n is not None), default=None)
+            note = "; ".join(dict.fromkeys(note for _, _, _, note in runs if note))
+            if len(args.seeds) > 1 and accs:
+                note = (f"{min(accs):.4f}..{max(accs):.4f} over seeds {' '.join(map(str, args.seeds))}: "
+                        f"{' / '.join(f'{a:.4f}' for a in accs)}" + (f"; {note}" if note else ""))
+            rows.append((size, solver, nbytes, acc, sum(t for _, _, t, _ in runs) / len(runs), note))
     if args.speedup:
         speedup(args.speedup, args.max_evaluations)
     if not rows:
@@ -118,6 +118,47 @@ def main() -> None:
     if at8:
         print(f"convex at 8KB within 3 points of uncompressed: {'yes' if base_acc - at8[0] <= 0.03 else 'NO'} "
               f"({(at8[0] - base_acc) * 100:+.2f} pts)")
+
+
+class FixedOrder:
+    """A ``DataLoader`` whose shuffling generator is reseeded at the start of every pass."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.seed = loader, loader.generator.initial_seed()
+
+    def __iter__(self):
+        self.loader.generator.manual_seed(self.seed)
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def compile_one(size: str, solver: str, seed: int, args) -> tuple[int | None, float | None, float, str]:
+    """One compile of a freshly loaded example: weights bytes, accuracy, seconds, a note."""
+    digits = load_digits_module()
+    t0 = time.perf_counter()
+    scored = "score" in get_solver(solver).capabilities
+    try:
+        result = compressc.compile(
+            digits.build_model(), (digits.example_input,), target_size=size,
+            solver=get_solver(solver, steps=args.steps) if scored and args.steps is not None else solver,
+            evaluate=digits.evaluate, train_loader=FixedOrder(digits.train_loader) if args.fixed_order else
+            digits.train_loader, calibration_loader=digits.calibration_loader, finetune_epochs=args.epochs,
+            progress=False, max_evaluations=args.max_evaluations if scored else None,
+            allow_layer_removal=args.allow_layer_removal or None, seed=seed,
+        )
+    except compressc.UserError as e:
+        return None, None, time.perf_counter() - t0, str(e).splitlines()[0]
+    search = result.report.get("search") or {}
+    note = f"{search['evaluations']} evaluations, search {search['wall_s']:.0f} s" if search else ""
+    removed = ", ".join(result.report["plan"].get("removed", ()))
+    note += f"{'; ' if note else ''}removed {removed}" if removed else ""
+    candidates = result.report.get("candidates") or []
+    if len(candidates) > 1:  # an extreme ratio: the plan kept is the candidate with the best probe score
+        picked = max(range(len(candidates)), key=lambda i: (candidates[i]["score"], -i))
+        note += f"{'; ' if note else ''}kept {candidates[picked]['candidate']}"
+    return result.report["weights_bytes"], result.report["compressed"]["accuracy"], time.perf_counter() - t0, note
 
 
 def speedup(size: str, max_evaluations: int) -> None:
