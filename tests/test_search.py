@@ -100,6 +100,26 @@ def test_scoring_is_what_ships_and_fine_tuning_steps_help():
     assert tuned[0] > scorer.score(plan, 0, 0), "8 distillation steps should recover some of the loss"
 
 
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_drawing_the_search_batches_leaves_the_users_shuffling_untouched(own_generator):
+    """The compile's final fine-tuning sees the same batches whether or not a search drew some first
+    (a shuffling loader takes its order from its generator, or from torch's global one)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def loader():
+        g = torch.Generator().manual_seed(3) if own_generator else None
+        return DataLoader(TensorDataset(torch.arange(40.0)), batch_size=8, shuffle=True, generator=g)
+
+    model, inputs = sm.build(), sm.example_inputs()
+    torch.manual_seed(11)
+    untouched = [b[0].tolist() for b in loader()]
+    torch.manual_seed(11)
+    drawn = loader()
+    workload = Workload.in_memory(model, inputs, train_loader=drawn, train_batches=3)
+    assert len(workload.train_batches) == 3
+    assert [b[0].tolist() for b in drawn] == untouched
+
+
 def test_batchnorm_statistics_come_from_the_shipped_batches_not_random_data():
     plan = _plans()[4]
     calibrated = Scorer(_workload()).score(plan, 0, 0)

@@ -87,9 +87,10 @@ class Workload:
         """A workload over ``module``; the first batches of ``calibration`` (a calibration loader)
         re-estimate BatchNorm and feed the data-free proxy; the first ``train_batches`` batches of
         ``train_loader`` are what fine-tuning steps cycle through. With ``model_file``, workers rebuild
-        the module from that file."""
-        batches = list(itertools.islice(train_loader, train_batches)) if train_loader is not None else []
-        calib = list(itertools.islice(calibration, RECALIBRATION_BATCHES)) if calibration is not None else []
+        the module from that file. Drawing the batches leaves the loaders' random state as it was, so
+        the compile's final fine-tuning sees the batches it would see without a search."""
+        batches = _first_batches(train_loader, train_batches) if train_loader is not None else []
+        calib = _first_batches(calibration, RECALIBRATION_BATCHES) if calibration is not None else []
         return cls(example_inputs=tuple(example_inputs), calibration=calib, train_batches=batches, module=module,
                    evaluate=evaluate, loss_fn=loss_fn, model_file=None if model_file is None else str(model_file),
                    **settings)
@@ -107,6 +108,21 @@ class Workload:
             return self
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.module is not None else None
         return replace(self, module=None, evaluate=None, loss_fn=None, state=state)
+
+
+def _first_batches(loader: Iterable, n: int) -> list:
+    """The first ``n`` batches of ``loader``, with torch's global generator and the loader's own
+    (``DataLoader.generator``, its sampler's) restored afterwards: a shuffling loader draws its
+    order from them when iterated, and the user's training must not depend on whether a search
+    looked at the data first."""
+    owned = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+    generators = list({id(g): g for g in owned if isinstance(g, torch.Generator)}.values())
+    states = [g.get_state() for g in generators]
+    with torch.random.fork_rng(devices=[]):
+        batches = list(itertools.islice(loader, n))
+    for g, state in zip(generators, states):
+        g.set_state(state)
+    return batches
 
 
 @contextlib.contextmanager
