@@ -47,6 +47,8 @@ _SAME_SHAPE_FUNCTIONS = {
     torch.relu, torch.relu_, F.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.hardswish, F.hardsigmoid, F.mish,
     F.elu, torch.sigmoid, torch.tanh, F.dropout, torch.nn.functional.layer_norm,
 }
+#: Concatenation (output shape: the inputs' summed along ``dim``, dtype: their promotion).
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 #: Broadcasting elementwise binary operators: output shape = broadcast, dtype = type promotion.
 _BROADCAST_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub}
 
@@ -106,6 +108,8 @@ class _ShapeRecorder(fx.Interpreter):
         """The meta output of a shape-preserving or broadcasting op, without dispatching it (the meta
         kernels of norms and elementwise ops are Python decompositions: most of a meta run's time)."""
         first = args[0] if args else None
+        if n.op == "call_function" and n.target in _CAT_FUNCTIONS:
+            return _cat_output(args, n.kwargs)
         if not isinstance(first, torch.Tensor):
             return None
         if (module is not None and isinstance(module, _SAME_SHAPE_MODULES)) or (
@@ -128,6 +132,28 @@ class _ShapeRecorder(fx.Interpreter):
                 return None
             return torch.empty(shape, dtype=dtype, device=first.device)
         return None
+
+
+def _cat_output(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The meta output of ``torch.cat`` from its arithmetic (its meta kernel is a Python reference
+    implementation; None: let it decide, and raise the real error)."""
+    tensors = args[0] if args else kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if (not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int) or set(kwargs) - {"dim", "tensors"}
+            or not all(isinstance(t, torch.Tensor) for t in tensors)):
+        return None
+    rank = tensors[0].dim()
+    if rank == 0 or not -rank <= dim < rank or any(t.dim() != rank for t in tensors):
+        return None  # includes legacy 1-d empty tensors, which cat skips
+    dim %= rank
+    shape = list(tensors[0].shape)
+    if any(t.shape[:dim] != tensors[0].shape[:dim] or t.shape[dim + 1:] != tensors[0].shape[dim + 1:] for t in tensors):
+        return None
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.empty(shape, dtype=dtype, device=tensors[0].device)
 
 
 def _conv_output(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> torch.Tensor | None:

@@ -1,5 +1,7 @@
 """fold-batchnorm: folded modules compute what the originals compute in eval mode."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -46,3 +48,26 @@ def test_batchnorm_after_a_layer_with_two_users_is_left_alone():
     net = _randomise_stats(Net().eval())
     folded = fold_batchnorm(compressc.trace(net, (torch.randn(1, 2, 3, 3),)).module)
     assert any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_a_fold_cache_reuses_folds_of_the_same_tensors_only():
+    """A ``FoldCache`` hands out a layer's folded tensors again only while the layer and its
+    BatchNorm hold the very tensors it folded; a changed one (a pruned variant's) is folded anew."""
+    from compressc.passes.lowering.fold_batchnorm import FoldCache
+
+    model, inputs = REFERENCE_MODELS["resnet_basic"]()
+    gm = compressc.trace(_randomise_stats(model), inputs).module
+    cache = FoldCache()
+    first, second = fold_batchnorm(gm, share_tensors=True, cache=cache), fold_batchnorm(gm, share_tensors=True, cache=cache)
+    plain = dict(fold_batchnorm(gm).named_parameters())
+    assert len(cache) > 0
+    for name, p in first.named_parameters():
+        assert second.get_parameter(name) is p  # reused, not recomputed
+        assert torch.equal(p, plain[name])      # and what folding computes without the cache
+    conv = next(n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d))
+    variant = copy.deepcopy(gm)
+    variant.get_submodule(conv).weight = nn.Parameter(gm.get_submodule(conv).weight * 2)
+    refolded = fold_batchnorm(variant, in_place=True, cache=cache)
+    assert refolded is variant  # in place: no copy
+    assert refolded.get_submodule(conv).weight is not first.get_submodule(conv).weight
+    torch.testing.assert_close(refolded.get_submodule(conv).weight, 2 * first.get_submodule(conv).weight)

@@ -89,3 +89,54 @@ def test_reference_models_merge_and_replay_exactly(name):
         value = torch.zeros_like(gm.get_parameter(tensor))
         _close(replay.run_with(tensor, value), _expected(gm, tensor, value, batches))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore::compressc.passes.analysis.channel_groups.ChannelAnalysisWarning")
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=arch_specs(), data=st.data())
+def test_replaying_a_pruned_variant_equals_running_it_whole(spec, data):
+    """A one-group pruned module from ``prepare`` (what sensitivity measures for a ``keep`` option),
+    replayed from the folded reference's recorded values, gives what running it whole gives."""
+    import compressc
+    from compressc.passes.lowering.compact import prepare
+    from compressc.passes.lowering.fold_batchnorm import FoldCache, fold_batchnorm
+    from compressc.perf import release
+    from compressc.plan import Plan
+
+    note(f"spec = {spec!r}")
+    model, inputs = build(spec)
+    graph = compressc.trace(model, inputs)
+    prunable = [g for g in compressc.channel_groups(graph) if g.prunable and g.size > 1]
+    if not prunable:
+        return
+    group = data.draw(st.sampled_from(prunable), label="group")
+    keep = data.draw(st.lists(st.integers(0, group.size - 1), min_size=1, max_size=group.size - 1, unique=True), label="keep")
+    for segment in group.segments:  # every split part keeps a unit
+        if not set(keep) & set(int(u) for u in segment):
+            keep.append(int(segment[0]))
+    folds = FoldCache()
+    replay = Replay(fold_batchnorm(graph.module, share_tensors=True, cache=folds).eval(), _batches(inputs))
+    plan = Plan(channels={group.id: tuple(sorted(keep))})
+    variant = prepare(graph, plan, share_tensors=True, fold_cache=folds).module.eval()
+    changed = replay.changed_nodes(variant)
+    note(f"changed = {changed}")
+    assert changed and changed[-1] == "output"
+    _close(replay.run_variant(variant), replay.run_module(variant))
+    # the folds it reused are the ones it would have computed: the same outputs as a variant without the cache
+    _close(replay.run_module(variant), replay.run_module(prepare(graph, plan, share_tensors=True).module.eval()))
+    assert replay.changed_nodes(replay.gm) == ()  # the reference against itself: nothing to replay
+    release(variant)
+
+
+def test_an_unchanged_variant_replays_nothing_but_the_output():
+    model, inputs = REFERENCE_MODELS["resnet_basic"]()
+    gm = fx.symbolic_trace(model)
+    replay = Replay(copy.deepcopy(gm), _batches(inputs))
+    twin = copy.deepcopy(replay.gm)
+    assert replay.changed_nodes(twin) == ()
+    conv = weight_tensors(gm)[-2]
+    owner, _, leaf = conv.rpartition(".")
+    setattr(twin.get_submodule(owner), leaf, nn.Parameter(torch.zeros_like(gm.get_parameter(conv))))
+    changed = replay.changed_nodes(twin)
+    assert changed and changed[-1] == "output" and len(changed) < len(twin.graph.nodes) // 2
+    _close(replay.run_variant(twin), _expected(gm, conv, torch.zeros_like(gm.get_parameter(conv)), _batches(inputs)))

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
 
 from compressc.frontends.fx import LeafTracer
 from compressc.frontends.shapes import record_shapes
@@ -43,6 +44,39 @@ def test_meta_records_equal_real_records_on_random_architectures(spec):
     with torch.no_grad():
         meta, real = _records(model, inputs, meta=True)[1], _records(model, inputs, meta=False)[1]
     assert meta == real
+
+
+class _Cat(nn.Module):
+    def __init__(self, dim: int, dtypes: tuple, keyword: bool) -> None:
+        super().__init__()
+        self.dim, self.dtypes, self.keyword = dim, dtypes, keyword
+
+    def forward(self, x):
+        parts = [x[:, : i + 1].to(dtype) for i, dtype in enumerate(self.dtypes)]  # sizes 1, 2, ... along dim 1
+        parts = [p.transpose(1, self.dim) for p in parts]
+        return torch.cat(parts, dim=self.dim) if self.keyword else torch.cat(parts, self.dim)
+
+
+@settings(max_examples=30, deadline=None)
+@given(dim=st.sampled_from([0, 1, 2, -1, -3]), keyword=st.booleans(),
+       dtypes=st.lists(st.sampled_from([torch.float32, torch.float16, torch.int64, torch.bool]), min_size=1, max_size=3))
+def test_concatenation_on_meta_records_what_it_computes(dim, keyword, dtypes):
+    """``torch.cat`` is answered from its arithmetic on meta tensors: sizes summed along ``dim``
+    (negative too), dtypes promoted, the same records as real execution."""
+    model, inputs = _Cat(dim, tuple(dtypes), keyword), (torch.randn(3, 4, 5),)
+    with torch.no_grad():
+        how, meta = _records(model, inputs, meta=True)
+        real = _records(model, inputs, meta=False)[1]
+    assert how == "meta" and meta == real
+
+
+def test_concatenation_of_mismatched_shapes_still_fails_with_the_real_error():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return torch.cat([x, x[:, :, :2]], 1)
+
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        _records(Bad(), (torch.randn(2, 3, 4),), meta=True)
 
 
 def test_tensors_are_put_back_and_untouched():

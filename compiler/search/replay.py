@@ -23,6 +23,7 @@ so measuring needs no copy of the model.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from typing import Any, Iterator, Sequence
 
@@ -85,6 +86,33 @@ class _Recording(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.values[n.name] = result = super().run_node(n)
         return result
+
+
+def _by_name(args: Any) -> Any:
+    return fx.node.map_arg(args, lambda a: ("node", a.name))
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    try:
+        return operator.attrgetter(target)(gm)
+    except AttributeError:
+        return None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and (a is b or torch.equal(a, b)))
+    return a is b or type(a) is type(b) and not isinstance(a, nn.Module) and a == b
+
+
+def _same_module(a: nn.Module | None, b: nn.Module | None) -> bool:
+    """Same type, settings (``extra_repr``), mode and tensors (names, shapes, dtypes, values)."""
+    if a is None or b is None or type(a) is not type(b) or a.training != b.training or a.extra_repr() != b.extra_repr():
+        return False
+    ta = dict(itertools.chain(a.named_parameters(), a.named_buffers()))
+    tb = dict(itertools.chain(b.named_parameters(), b.named_buffers()))
+    return ta.keys() == tb.keys() and all(_same_value(ta[k], tb[k]) for k in ta) and repr(a) == repr(b)
 
 
 class Replay:
@@ -198,6 +226,36 @@ class Replay:
             if self.merged:
                 return self._per_batch(float_leaves(module(*self.inputs)))
             return [float_leaves(module(*b)) for b in self.batches]
+
+    def changed_nodes(self, module: fx.GraphModule) -> tuple[str, ...]:
+        """The nodes of ``module`` (a variant of ``gm`` built by the same passes: a pruned one) whose
+        values may differ from ``gm``'s: those that are new, call another target or take other
+        arguments, use a submodule or tensor that differs (type, settings, tensor names, shapes,
+        dtypes or values), and everything downstream of them; in graph order."""
+        ours = {n.name: n for n in self.gm.graph.nodes}
+        theirs = dict(module.named_modules())
+        mine = dict(self.gm.named_modules())
+        dirty: set[str] = set()
+        for n in module.graph.nodes:
+            ref = ours.get(n.name)
+            if (ref is None or ref.op != n.op or ref.target != n.target or _by_name(ref.args) != _by_name(n.args)
+                    or _by_name(ref.kwargs) != _by_name(n.kwargs) or any(a.name in dirty for a in n.all_input_nodes)):
+                dirty.add(n.name)
+            elif n.op == "call_module" and not _same_module(mine.get(n.target), theirs.get(n.target)):
+                dirty.add(n.name)
+            elif n.op == "get_attr" and not _same_value(_attr(self.gm, n.target), _attr(module, n.target)):
+                dirty.add(n.name)
+        return tuple(n.name for n in module.graph.nodes if n.name in dirty)
+
+    def run_variant(self, module: fx.GraphModule) -> Outputs:
+        """The outputs per batch of ``module``, a variant of ``gm`` (``changed_nodes``), recomputing
+        only its changed nodes and reading every other value from the reference run: what
+        ``run_module(module)`` gives, for the work downstream of the change alone."""
+        if not (self.merged and self.partial) or _writes_in_place(module):
+            return self.run_module(module)
+        with torch.no_grad():
+            runner = _Cached(module, self.values, frozenset(self.changed_nodes(module)))
+            return self._per_batch(float_leaves(runner.run(*self.inputs)))
 
     def _per_batch(self, flat: list[torch.Tensor]) -> Outputs:
         out: Outputs = [[] for _ in self.batches]

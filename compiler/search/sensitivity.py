@@ -43,7 +43,7 @@ from compressc.ir import Graph
 from compressc.pass_context import PassContext, Task
 from compressc.passes.analysis.removable_blocks import removable_blocks
 from compressc.passes.lowering.compact import PlanError, prepare, quant_spec
-from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
+from compressc.passes.lowering.fold_batchnorm import FoldCache, fold_batchnorm
 from compressc.passes.lowering.quantize import QuantSpec, dequantize, quantize
 from compressc.passes.lowering.sparsify import sparsity_mask
 from compressc.perf import release
@@ -259,10 +259,13 @@ class _Meter:
         self.graph, self.inputs, self.evaluate = graph, inputs, evaluate
         self.scheme, self.sparsity_kind = scheme, sparsity_kind
         # lower() folds BatchNorm for every non-empty plan, so the folded module is the uncompressed reference
-        self.reference = fold_batchnorm(graph.module, share_tensors=True).eval()
+        self.folds = FoldCache()  # pruned variants share the folded tensors of the layers they leave whole
+        self.reference = fold_batchnorm(graph.module, share_tensors=True, cache=self.folds).eval()
         self.replay = Replay(self.reference, inputs)
         self.outputs = self.replay.outputs
         self.params = dict(self.reference.named_parameters())
+        self.record_local = False  # keep the local errors of the options measured end to end (for ``_derive``)
+        self.local: dict[tuple[str, str, Any], float | None] = {}
 
     def score(self, module: nn.Module, what: str) -> float | None:
         if self.evaluate is None:
@@ -276,15 +279,17 @@ class _Meter:
         if knob.kind in ("keep", "remove"):
             plan = Plan(channels={int(knob.target): _kept(ranking, knob, value)}) if knob.kind == "keep" else \
                 Plan(removed=(str(knob.target),))
-            module = prepare(self.graph, plan, share_tensors=True).module.eval()
-            try:
-                return {"proxy": proxy_distortion(self.outputs, self.replay.run_module(module)),
+            module = prepare(self.graph, plan, share_tensors=True, fold_cache=self.folds).module.eval()
+            try:  # only what the pruning changes is recomputed
+                return {"proxy": proxy_distortion(self.outputs, self.replay.run_variant(module)),
                         "score": self.score(module, what)}
             finally:
                 release(module)  # its own (sliced, folded) tensors go now, not when the cyclic collector runs
         name = str(knob.target)
         compressed = self._compressed_weight(knob, value, self.params[name].detach())
         proxy = proxy_distortion(self.outputs, self.replay.run_with(name, compressed))
+        if self.record_local:  # one layer's work, and interpolation then needs no second quantization
+            self.local[knob.kind, name, value] = self.replay.local_error(name, compressed)
         if self.evaluate is None:
             return {"proxy": proxy, "score": None}
         with self.replay.swapped(name, compressed) as module:
@@ -293,6 +298,8 @@ class _Meter:
     def local_error(self, knob: Knob, value: Any) -> float | None:
         """The layer-local output error of a ``bits`` / ``sparsity`` option (``Replay.local_error``)."""
         name = str(knob.target)
+        if (knob.kind, name, value) in self.local:
+            return self.local[knob.kind, name, value]
         return self.replay.local_error(name, self._compressed_weight(knob, value, self.params[name].detach()))
 
     def _compressed_weight(self, knob: Knob, value: Any, w: torch.Tensor) -> torch.Tensor:
@@ -413,6 +420,7 @@ def measure_sensitivity(
         with (ctx or PassContext()).task("sensitivity", total=len(todo)) as task:  # one task, whatever is derived
             if evaluate is None and interpolate:
                 first = {key: (j, i) for key, (j, i) in todo.items() if i in anchors(knobs[j].kind, len(knobs[j].options))}
+                meter.record_local = True
                 task.update(total=len(first))
                 _measure(meter, cache, first, knobs, ranking, task)
                 todo = _derive(meter, cache, keys, todo, knobs)

@@ -317,10 +317,11 @@ def _finish(ctx: WalkContext) -> ChannelAnalysis:
     # a non-prunable group still reports its units, but lowering must never touch them
     prunable_slot = np.array([meta[g][1] for g in range(len(meta))] + [False])[group_of_slot]
     members: list[list[GroupMember]] = [[] for _ in meta]
+    by_slots: dict[int, tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = {}  # members sharing a layout share its indices
     for node, role, tensor, dim, slots in ctx.members + _act_members(ctx):
-        gids, units = group_of_slot[slots], unit_of_slot[slots]
-        for gid in (g for g in _distinct(gids) if g >= 0):
-            index = np.where(gids == gid, units, -1)
+        if id(slots) not in by_slots:
+            by_slots[id(slots)] = (slots, _indices_by_group(group_of_slot[slots], unit_of_slot[slots]))
+        for gid, index in by_slots[id(slots)][1]:
             members[gid].append(GroupMember(node, role, tensor, dim, index))
     segments: list[set[tuple[int, ...]]] = [set() for _ in meta]
     for slots in ctx.nonempty + [s for _, s in ctx.producers]:
@@ -338,6 +339,23 @@ def _finish(ctx: WalkContext) -> ChannelAnalysis:
     ]
     group_of_slot = np.where(prunable_slot, group_of_slot, -1)
     return ChannelAnalysis(groups, ctx.states, group_of_slot, unit_of_slot, warned, ctx.tensor_dims)
+
+
+def _indices_by_group(gids: np.ndarray, units: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Per group in ``gids`` (ascending, -1 left out): the unit of each position, -1 where it belongs
+    to another group. Read-only: the rows of one array filled by one scatter (a concat's consumer
+    spans dozens of groups), shared by the members with the same layout."""
+    if not gids.size:
+        return []
+    if (gids == gids.flat[0]).all():
+        units = units.view()
+        units.flags.writeable = False
+        return [(int(gids.flat[0]), units)] if gids.flat[0] >= 0 else []
+    ids, rows = np.unique(gids.reshape(-1), return_inverse=True)
+    table = np.full((len(ids), gids.size), -1, dtype=units.dtype)
+    table[rows, np.arange(gids.size)] = units.reshape(-1)
+    table.flags.writeable = False
+    return [(int(g), table[i].reshape(gids.shape)) for i, g in enumerate(ids) if g >= 0]
 
 
 def _distinct(values: np.ndarray) -> list[int]:

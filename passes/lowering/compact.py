@@ -34,7 +34,7 @@ from compressc.perf import copy_sharing_tensors, release
 from compressc.artifact import TensorRecord, predict_size
 from compressc.errors import UserError
 from compressc.ir import Graph
-from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
+from compressc.passes.lowering.fold_batchnorm import FoldCache, fold_batchnorm
 from compressc.passes.lowering.prune_channels import prune_channels
 from compressc.passes.lowering.remove_layers import removed_view
 from compressc.passes.lowering.quantize import QuantizedTensor, QuantSpec, dequantize, quantize
@@ -99,12 +99,14 @@ def quant_spec(settings: LayerSettings, tensor: torch.Tensor) -> QuantSpec:
     return QuantSpec(bits=settings.bits, scheme=settings.scheme, channel_dim=0 if per_channel else None)
 
 
-def prepare(graph: Graph, plan: Plan, *, share_tensors: bool = False) -> Prepared:
+def prepare(graph: Graph, plan: Plan, *, share_tensors: bool = False, fold_cache: FoldCache | None = None) -> Prepared:
     """Prune, fold BatchNorm, and fix each weight's quantizer and sparsity mask (from the pruned,
     folded weights: folding rescales output channels, so masks are taken after it).
 
     ``share_tensors=True``: the module shares the tensors the plan leaves whole with ``graph.module``
-    (for callers that only run it or read it: sensitivity measurement, size prediction)."""
+    (for callers that only run it or read it: sensitivity measurement, size prediction);
+    ``fold_cache`` (with it): the layers the plan leaves whole share their folded tensors too
+    (``FoldCache``)."""
     known = set(weight_tensors(graph.module))
     unknown = sorted(set(plan.layers) - known)
     if unknown:
@@ -118,8 +120,7 @@ def prepare(graph: Graph, plan: Plan, *, share_tensors: bool = False) -> Prepare
     else:
         module = copy_sharing_tensors(base.module) if share_tensors else copy.deepcopy(base.module)
     if plan.channels or plan.layers or plan.removed:  # an empty plan is the identity, bit for bit: nothing is folded
-        unfolded, module = module, fold_batchnorm(module, share_tensors=True)  # this call's own: no second copy
-        release(unfolded)  # it would hold the sliced tensors until the cyclic collector runs
+        module = fold_batchnorm(module, in_place=True, cache=fold_cache if share_tensors else None)  # this call's own copy
     params = dict(module.named_parameters())
     specs: dict[str, QuantSpec] = {}
     masks: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}

@@ -34,21 +34,61 @@ import torch.nn as nn
 from compressc.ir import META_VALUE
 from compressc.perf import copy_sharing_tensors
 
-__all__ = ["fold_batchnorm", "foldable_batchnorms", "batchnorm_factor", "FoldBatchNormPass"]
+__all__ = ["fold_batchnorm", "foldable_batchnorms", "batchnorm_factor", "FoldCache", "FoldBatchNormPass"]
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, cache: "FoldCache | None" = None, name: str = "") -> None:
+    sources = (layer.weight, layer.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    hit = cache.get(name, sources, bn.eps) if cache is not None else None
+    if hit is not None:
+        layer.weight, layer.bias = hit
+        return
     with torch.no_grad():
         factor = batchnorm_factor(bn)
         beta = bn.bias if bn.affine else torch.zeros_like(factor)
         shape = (-1,) + (1,) * (layer.weight.dim() - 1)
         # new tensors, never written into the old ones: a copy that shares tensors stays safe
-        layer.weight = nn.Parameter(layer.weight * factor.reshape(shape), requires_grad=layer.weight.requires_grad)
+        weight = nn.Parameter(layer.weight * factor.reshape(shape), requires_grad=layer.weight.requires_grad)
         bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
         grad = layer.bias.requires_grad if layer.bias is not None else True
-        layer.bias = nn.Parameter((bias - bn.running_mean) * factor + beta, requires_grad=grad)
+        layer.weight, layer.bias = weight, nn.Parameter((bias - bn.running_mean) * factor + beta, requires_grad=grad)
+    if cache is not None:
+        cache.put(name, sources, bn.eps, (layer.weight, layer.bias))
+
+
+class FoldCache:
+    """The folded weight and bias of each layer, reused by later folds of the *same* tensors.
+
+    Keyed by the layer's name; an entry is reused only when the layer's weight and bias and its
+    BatchNorm's tensors are the very objects (``is``) it was folded from, with the same ``eps``, so a
+    variant that slices a layer folds it anew. The first fold of each name is kept (one entry per
+    layer, never more): a pass that folds many variants of one model (sensitivity measurement) folds
+    the layers they leave alone once, and those variants share the folded tensors.
+
+    >>> import torch, torch.nn as nn
+    >>> net = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval())
+    >>> cache = FoldCache()
+    >>> a, b = fold_batchnorm(net, share_tensors=True, cache=cache), fold_batchnorm(net, share_tensors=True, cache=cache)
+    >>> a.get_submodule("0").weight is b.get_submodule("0").weight, len(cache)
+    (True, 1)
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, float, tuple[nn.Parameter, nn.Parameter]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, name: str, sources: tuple, eps: float) -> tuple[nn.Parameter, nn.Parameter] | None:
+        entry = self._entries.get(name)
+        if entry is None or entry[1] != eps or len(entry[0]) != len(sources):
+            return None
+        return entry[2] if all(a is b for a, b in zip(entry[0], sources)) else None
+
+    def put(self, name: str, sources: tuple, eps: float, folded: tuple[nn.Parameter, nn.Parameter]) -> None:
+        self._entries.setdefault(name, (sources, eps, folded))
 
 
 def foldable_batchnorms(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
@@ -91,17 +131,22 @@ def batchnorm_factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     return (bn.weight if bn.affine else torch.ones_like(std)) / std
 
 
-def fold_batchnorm(gm: fx.GraphModule, *, share_tensors: bool = False) -> fx.GraphModule:
+def fold_batchnorm(gm: fx.GraphModule, *, share_tensors: bool = False, in_place: bool = False,
+                   cache: FoldCache | None = None) -> fx.GraphModule:
     """A copy of ``gm`` with every foldable BatchNorm (``foldable_batchnorms``) folded into the layer before it.
 
     ``share_tensors=True``: the copy shares the tensors folding does not change with ``gm`` (no memory
     for them; ``gm``'s tensors are never written either way); for callers that only run the copy, or
     own ``gm``. Training the copy in place would then train ``gm``'s tensors too.
+    ``in_place=True``: no copy, ``gm`` itself is rewritten (for a caller that owns ``gm``; its tensors
+    are still never written, folded layers get new ones). ``cache``: reuse the folds of a
+    ``FoldCache`` where the tensors are the same objects (and record new ones).
     """
-    gm = copy_sharing_tensors(gm) if share_tensors else copy.deepcopy(gm)
+    if not in_place:
+        gm = copy_sharing_tensors(gm) if share_tensors else copy.deepcopy(gm)
     modules = dict(gm.named_modules())
     for src, node in foldable_batchnorms(gm):
-        _fold_into(modules[src.target], modules[node.target])
+        _fold_into(modules[src.target], modules[node.target], cache, src.target)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()

@@ -51,12 +51,16 @@ def _owner(gm: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _slice_tensors(gm: fx.GraphModule, analysis: ChannelAnalysis, keep: np.ndarray) -> None:
+    """Slice the tensors that lose channels (the others stay as they are: shared or already copied)."""
     for name, dims in analysis.tensor_dims.items():
+        cut = {d: keep[slots] for d, slots in dims.items() if not keep[slots].all()}
+        if not cut:
+            continue
         owner, leaf = _owner(gm, name)
         t = getattr(owner, leaf)
         new = t.detach()
-        for d, slots in dims.items():
-            new = new.index_select(d, _index(keep[slots]))
+        for d, mask in cut.items():
+            new = new.index_select(d, _index(mask))
         new = new.clone()
         if isinstance(t, nn.Parameter):
             setattr(owner, leaf, nn.Parameter(new, requires_grad=t.requires_grad))
