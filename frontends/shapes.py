@@ -47,6 +47,10 @@ _SAME_SHAPE_FUNCTIONS = {
     torch.relu, torch.relu_, F.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.hardswish, F.hardsigmoid, F.mish,
     F.elu, torch.sigmoid, torch.tanh, F.dropout, torch.nn.functional.layer_norm,
 }
+#: Adaptive average pools (module type or function -> number of spatial dims).
+_POOL_DIMS = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_ADAPTIVE_AVG_POOLS = tuple(_POOL_DIMS)
+_ADAPTIVE_AVG_POOL_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
 #: Concatenation (output shape: the inputs' summed along ``dim``, dtype: their promotion).
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 #: Broadcasting elementwise binary operators: output shape = broadcast, dtype = type promotion.
@@ -117,6 +121,10 @@ class _ShapeRecorder(fx.Interpreter):
             return first.new_empty(first.shape)  # not empty_like: its stride logic costs more than the op
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and len(args) == 1:
             return _conv_output(module, first)
+        if isinstance(module, _ADAPTIVE_AVG_POOLS) and len(args) == 1:
+            return _adaptive_pool_output(first, next(d for t, d in _POOL_DIMS.items() if isinstance(module, t)), module.output_size)
+        if n.op == "call_function" and n.target in _ADAPTIVE_AVG_POOL_FUNCTIONS and not n.kwargs and len(args) == 2:
+            return _adaptive_pool_output(first, _ADAPTIVE_AVG_POOL_FUNCTIONS[n.target], args[1])
         if isinstance(module, nn.Linear) and len(args) == 1 and first.shape and first.shape[-1] == module.in_features:
             return first.new_empty(first.shape[:-1] + (module.out_features,))
         if n.op == "call_function" and n.target in _BROADCAST_FUNCTIONS and len(args) == 2 and not n.kwargs:
@@ -132,6 +140,18 @@ class _ShapeRecorder(fx.Interpreter):
                 return None
             return torch.empty(shape, dtype=dtype, device=first.device)
         return None
+
+
+def _adaptive_pool_output(x: torch.Tensor, spatial: int, size: Any) -> torch.Tensor | None:
+    """The meta output of an adaptive average pool: the last ``spatial`` dims become ``size`` (an int
+    for all of them, or one entry per dim, None keeping the input's)."""
+    sizes = (size,) * spatial if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else None
+    if sizes is None or len(sizes) != spatial or x.dim() not in (spatial + 1, spatial + 2):
+        return None
+    out = tuple(x.shape[-spatial + i] if s is None else s for i, s in enumerate(sizes))
+    if not all(isinstance(s, int) and s > 0 for s in out) or not all(d > 0 for d in x.shape[-spatial:]):
+        return None  # the kernel raises the real error
+    return x.new_empty(x.shape[:-spatial] + out)
 
 
 def _cat_output(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -140,3 +140,33 @@ def test_an_unchanged_variant_replays_nothing_but_the_output():
     changed = replay.changed_nodes(twin)
     assert changed and changed[-1] == "output" and len(changed) < len(twin.graph.nodes) // 2
     _close(replay.run_variant(twin), _expected(gm, conv, torch.zeros_like(gm.get_parameter(conv)), _batches(inputs)))
+
+
+@settings(max_examples=25, deadline=None)
+@given(hidden=st.integers(2, 12), conv=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_masked_local_error_of_a_group_read_by_the_output_layer_is_the_pruned_models_error(hidden, conv, seed, data):
+    """Where the consumers of a pruned group are the last layer, the local error of zeroing its
+    channels is the end-to-end error of the pruned module (BatchNorm folded or not)."""
+    import compressc
+    from compressc.passes.lowering.compact import prepare
+    from compressc.passes.lowering.fold_batchnorm import fold_batchnorm
+    from compressc.passes.lowering.prune_channels import channel_masks
+    from compressc.plan import Plan
+
+    torch.manual_seed(seed)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(3, hidden, 3), nn.BatchNorm2d(hidden), nn.ReLU(), nn.Conv2d(hidden, 2, 1)).eval()
+        model[1].running_mean.uniform_(-1, 1)
+        inputs = (torch.randn(2, 3, 6, 6),)
+    else:
+        model, inputs = nn.Sequential(nn.Linear(5, hidden), nn.ReLU(), nn.Linear(hidden, 3)).eval(), (torch.randn(4, 5),)
+    graph = compressc.trace(model, inputs)
+    (group,) = [g for g in compressc.channel_groups(graph) if g.prunable]
+    keep = tuple(sorted(data.draw(st.lists(st.integers(0, hidden - 1), min_size=1, max_size=hidden - 1, unique=True))))
+    replay = Replay(fold_batchnorm(graph.module, share_tensors=True).eval(), _batches(inputs))
+    local = replay.masked_local_error(channel_masks(graph, {group.id: keep}))
+    pruned = replay.run_module(prepare(graph, Plan(channels={group.id: keep}), share_tensors=True).module.eval())
+    # one merged run pools the batches: the squared error over all of them, over the squared outputs
+    num = sum(float((a - b).square().sum()) for pb, rb in zip(pruned, replay.outputs) for a, b in zip(pb, rb))
+    den = sum(float(b.square().sum()) for rb in replay.outputs for b in rb)
+    assert local is not None and local == pytest.approx(num / den, rel=1e-4, abs=1e-12)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
@@ -64,6 +65,26 @@ def test_concatenation_on_meta_records_what_it_computes(dim, keyword, dtypes):
     """``torch.cat`` is answered from its arithmetic on meta tensors: sizes summed along ``dim``
     (negative too), dtypes promoted, the same records as real execution."""
     model, inputs = _Cat(dim, tuple(dtypes), keyword), (torch.randn(3, 4, 5),)
+    with torch.no_grad():
+        how, meta = _records(model, inputs, meta=True)
+        real = _records(model, inputs, meta=False)[1]
+    assert how == "meta" and meta == real
+
+
+class _Pools(nn.Module):
+    def __init__(self, size) -> None:
+        super().__init__()
+        self.size = size
+        self.pool1, self.pool2 = nn.AdaptiveAvgPool1d(3), nn.AdaptiveAvgPool2d(size)
+
+    def forward(self, x):  # x: (N, C, H, W)
+        return (self.pool2(x), F.adaptive_avg_pool2d(x, self.size), self.pool2(x[0]),
+                self.pool1(x.flatten(2)), F.adaptive_avg_pool1d(x.flatten(2), 2))
+
+
+@pytest.mark.parametrize("size", [1, 2, (2, 3), (None, 1), [3, None]])
+def test_adaptive_pools_on_meta_record_what_they_compute(size):
+    model, inputs = _Pools(size), (torch.randn(2, 3, 5, 4),)
     with torch.no_grad():
         how, meta = _records(model, inputs, meta=True)
         real = _records(model, inputs, meta=False)[1]

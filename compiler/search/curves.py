@@ -10,12 +10,14 @@ through the whole model:
   the others as local error times the gain interpolated (in log space) between the anchors. The
   anchors verify the model: when their gains differ by more than ``MAX_GAIN_SPREAD``, the curve is
   not smooth and every option is measured.
-- ``keep``: every other option and the last are measured; ``between`` fills in an option between two
-  measured neighbours with their geometric mean when they are within ``MAX_STEP`` of each other, and
-  otherwise the option is measured too.
+- ``keep``: the same, with the local error of zeroing the removed channels (at the layers that
+  consume them). Where the anchors' gains spread too far, every other option and the last are
+  measured (``fallback_anchors``) and ``between`` fills in an option between two measured
+  neighbours with their geometric mean when they are within ``MAX_STEP`` of each other; otherwise the
+  option is measured too.
 
->>> anchors("bits", 7), anchors("keep", 9)
-((3, 6), (1, 3, 5, 7, 8))
+>>> anchors("bits", 7), anchors("keep", 9), fallback_anchors("keep", 9)
+((3, 6), (4, 8), (1, 3, 5, 7, 8))
 >>> derived = from_local({3: 2e-4, 6: 4e-2}, {1: 1e-6, 2: 1e-5, 3: 1e-4, 4: 1e-3, 5: 5e-3, 6: 1e-2}, [1, 2, 4, 5])
 >>> {i: float(f"{v:.3g}") for i, v in derived.items()}      # gains 2 and 4 at options 3 and 6
 {1: 2e-06, 2: 2e-05, 4: 0.00252, 5: 0.0159}
@@ -28,7 +30,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-__all__ = ["anchors", "from_local", "between", "MAX_GAIN_SPREAD", "MAX_STEP"]
+__all__ = ["anchors", "fallback_anchors", "from_local", "between", "MAX_GAIN_SPREAD", "MAX_STEP"]
 
 #: Largest ratio between the anchors' gains for a curve to count as smooth.
 MAX_GAIN_SPREAD = 4.0
@@ -38,12 +40,18 @@ MAX_STEP = 10.0
 
 def anchors(kind: str, n_options: int) -> tuple[int, ...]:
     """The option indices (of ``1 .. n_options - 1``) measured end to end before any is derived."""
-    every = tuple(range(1, n_options))
     if n_options <= 3 or kind not in ("bits", "sparsity", "keep"):
-        return every
-    if kind == "keep":
-        return tuple(sorted(set(every[::2]) | {n_options - 1}))
+        return tuple(range(1, n_options))
     return (n_options // 2, n_options - 1)
+
+
+def fallback_anchors(kind: str, n_options: int) -> tuple[int, ...]:
+    """For a ``keep`` curve the local errors cannot fill in: the options measured before ``between``
+    fills in the others (every other one and the last); for other kinds, every option."""
+    every = tuple(range(1, n_options))
+    if n_options <= 3 or kind != "keep":
+        return every
+    return tuple(sorted(set(every[::2]) | {n_options - 1}))
 
 
 def from_local(measured: Mapping[int, float], local: Mapping[int, float | None], missing: Sequence[int]) -> dict[int, float] | None:

@@ -30,7 +30,11 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
+
+from compressc.attention import ATTENTION_MODULES
+from compressc.passes.lowering.prune_channels import apply_channel_mask
 
 __all__ = ["Replay", "float_leaves"]
 
@@ -86,6 +90,11 @@ class _Recording(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         self.values[n.name] = result = super().run_node(n)
         return result
+
+
+#: Norms over channels whose statistics change when channels are removed (masking is not pruning there).
+_WIDTH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+_WIDTH_NORM_FUNCTIONS = {F.layer_norm, F.group_norm, F.rms_norm, F.instance_norm, F.local_response_norm, F.normalize}
 
 
 def _by_name(args: Any) -> Any:
@@ -218,6 +227,52 @@ class Replay:
                 new, old = float_leaves(runner.run_node(n)), float_leaves(self.values[n.name])
                 num += sum(float((a - b).square().sum()) for a, b in zip(new, old))
                 den += sum(float(b.square().sum()) for b in old)
+        return num / den if den > 0 else None
+
+    def masked_local_error(self, masks: dict[str, Any]) -> float | None:
+        """The local output error of zeroing channels: ``||y' - y||^2 / ||y||^2`` over the first nodes
+        past the masked ones (those that take a masked value and carry no mask themselves: a pruned
+        group's consumers), where every masked node's recorded value is zeroed by its mask
+        (``compressc.passes.lowering.prune_channels.channel_masks``) and only nodes that take a masked
+        value are recomputed. None when the batches are not merged, a norm other than BatchNorm
+        would see zeroed channels (pruning its width is not zeroing them), an attention module is
+        involved (its heads are removed inside it), a masked value reaches the outputs, or nothing
+        past the masks is reached."""
+        if not self.merged or not masks:
+            return None
+        local: dict[str, Any] = {}
+        num = den = 0.0
+        runner = fx.Interpreter(self.gm, garbage_collect_values=False)
+        modules = dict(self.gm.named_modules())
+        try:
+            with torch.no_grad():
+                for n in self.gm.graph.nodes:
+                    touched = [a for a in n.all_input_nodes if a.name in local]
+                    if n.op == "output":
+                        if touched:
+                            return None
+                        continue
+                    if touched and (isinstance(modules.get(n.target), _WIDTH_NORMS) or n.target in _WIDTH_NORM_FUNCTIONS):
+                        return None
+                    if (touched or n.name in masks) and isinstance(modules.get(n.target), ATTENTION_MODULES):
+                        return None  # removed heads live inside the module: zeroing its inputs or outputs is not removing them
+                    if touched:
+                        runner.env = {a: local.get(a.name, self.values.get(a.name)) for a in n.all_input_nodes}
+                        value = runner.run_node(n)
+                    elif n.name in masks:
+                        value = self.values[n.name]
+                    else:
+                        continue
+                    if n.name in masks:
+                        local[n.name] = apply_channel_mask(value, masks[n.name])
+                        continue
+                    new, old = float_leaves(value), float_leaves(self.values[n.name])
+                    if len(new) != len(old) or any(a.shape != b.shape for a, b in zip(new, old)):
+                        return None
+                    num += sum(float((a - b).square().sum()) for a, b in zip(new, old))
+                    den += sum(float(b.square().sum()) for b in old)
+        except (RuntimeError, ValueError, TypeError, IndexError):  # a mask that does not fit the merged batch
+            return None
         return num / den if den > 0 else None
 
     def run_module(self, module: nn.Module) -> Outputs:

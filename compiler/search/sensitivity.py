@@ -44,11 +44,12 @@ from compressc.pass_context import PassContext, Task
 from compressc.passes.analysis.removable_blocks import removable_blocks
 from compressc.passes.lowering.compact import PlanError, prepare, quant_spec
 from compressc.passes.lowering.fold_batchnorm import FoldCache, fold_batchnorm
+from compressc.passes.lowering.prune_channels import channel_masks
 from compressc.passes.lowering.quantize import QuantSpec, dequantize, quantize
 from compressc.passes.lowering.sparsify import sparsity_mask
 from compressc.perf import release
 from compressc.plan import SPARSITY_KINDS, LayerSettings, Plan, weight_tensors
-from compressc.search.curves import anchors, between, from_local
+from compressc.search.curves import anchors, between, fallback_anchors, from_local
 from compressc.search.problem import Knob
 from compressc.search.replay import Replay
 
@@ -295,8 +296,12 @@ class _Meter:
         with self.replay.swapped(name, compressed) as module:
             return {"proxy": proxy, "score": self.score(module, what)}
 
-    def local_error(self, knob: Knob, value: Any) -> float | None:
-        """The layer-local output error of a ``bits`` / ``sparsity`` option (``Replay.local_error``)."""
+    def local_error(self, knob: Knob, value: Any, ranking: dict[int, tuple[int, ...]]) -> float | None:
+        """The layer-local output error of a ``bits`` / ``sparsity`` option (``Replay.local_error``), or
+        of a ``keep`` option: zeroing the removed channels, at the layers that consume them
+        (``Replay.masked_local_error``)."""
+        if knob.kind == "keep":
+            return self.replay.masked_local_error(channel_masks(self.graph, {int(knob.target): _kept(ranking, knob, value)}))
         name = str(knob.target)
         if (knob.kind, name, value) in self.local:
             return self.local[knob.kind, name, value]
@@ -423,8 +428,13 @@ def measure_sensitivity(
                 meter.record_local = True
                 task.update(total=len(first))
                 _measure(meter, cache, first, knobs, ranking, task)
-                todo = _derive(meter, cache, keys, todo, knobs)
+                todo = _derive(meter, cache, keys, todo, knobs, ranking, local=True)
+                second = {key: (j, i) for key, (j, i) in todo.items() if i in fallback_anchors(knobs[j].kind, len(knobs[j].options))
+                          and knobs[j].kind == "keep"}  # keep curves the local errors could not fill in
                 task.update(total=len(first) + len(todo))
+                _measure(meter, cache, second, knobs, ranking, task)
+                todo = _derive(meter, cache, keys, todo, knobs, ranking, local=False)
+                task.update(total=len(first) + len(second) + len(todo))
             _measure(meter, cache, todo, knobs, ranking, task)
         cache.save()  # derived points too
 
@@ -438,9 +448,10 @@ def measure_sensitivity(
 
 
 def _derive(meter: _Meter, cache: _Cache, keys: dict[tuple[int, int], str], todo: dict[str, tuple[int, int]],
-            knobs: tuple[Knob, ...]) -> dict[str, tuple[int, int]]:
-    """Fill in the options ``curves`` can derive from the measured ones (stored as ``derived``);
-    return those still to measure."""
+            knobs: tuple[Knob, ...], ranking: dict[int, tuple[int, ...]], local: bool) -> dict[str, tuple[int, int]]:
+    """Fill in the options ``curves`` can derive from the measured ones (stored as ``derived``):
+    with ``local``, from local errors (``from_local``); without, ``keep`` options between measured
+    neighbours (``between``). Return those still to measure."""
     missing: dict[int, list[int]] = {}
     for key, (j, i) in todo.items():
         if key not in cache.points:
@@ -450,10 +461,10 @@ def _derive(meter: _Meter, cache: _Cache, keys: dict[tuple[int, int], str], todo
         knob, n = knobs[j], len(knobs[j].options)
         measured = {i: float(cache.points[keys[j, i]]["proxy"]) for i in range(1, n) if keys[j, i] in cache.points}
         derived: dict[int, float] | None = {}
-        if knob.kind in ("bits", "sparsity"):
-            local = {i: meter.local_error(knob, knob.options[i]) for i in set(indices) | set(measured)}
-            derived = from_local(measured, local, indices)
-        elif knob.kind == "keep":
+        if local and knob.kind in ("bits", "sparsity", "keep"):
+            errors = {i: meter.local_error(knob, knob.options[i], ranking) for i in set(indices) | set(measured)}
+            derived = from_local(measured, errors, indices)
+        elif not local and knob.kind == "keep":
             derived = between(measured, indices)
         for i in indices:
             if derived and i in derived:

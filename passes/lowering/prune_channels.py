@@ -38,7 +38,7 @@ from compressc.passes.analysis.channel_plan import ChannelPlan, InfeasiblePlanEr
 from compressc.passes.analysis.norm_width import is_mean_statistic
 from compressc.passes.lowering.attention_heads import attention_weight_masks, lower_attention, run_masked_attention
 
-__all__ = ["prune_channels", "masked_reference", "PruneChannelsPass"]
+__all__ = ["prune_channels", "masked_reference", "channel_masks", "apply_channel_mask", "PruneChannelsPass"]
 
 
 def _index(mask: np.ndarray) -> torch.Tensor:
@@ -304,7 +304,7 @@ class _Masking(fx.Interpreter):
         if result is None:
             result = super().run_node(n)
         mask = self.masks.get(n.name)
-        return result if mask is None else _apply(result, mask)
+        return result if mask is None else apply_channel_mask(result, mask)
 
     def _norm_over_kept(self, n: fx.Node) -> torch.Tensor | None:
         """A norm whose input lost channels of its normalised last dim (``Graph.norm_width``)
@@ -346,12 +346,14 @@ class _Masking(fx.Interpreter):
         return n.target(x, (len(kept),), **rest)
 
 
-def _apply(value: Any, mask: Any) -> Any:
+def apply_channel_mask(value: Any, mask: Any) -> Any:
+    """``value`` with the positions ``mask`` (from ``channel_masks``) marks False zeroed; tuples and
+    lists element by element."""
     if isinstance(mask, torch.Tensor) and isinstance(value, torch.Tensor):
         masked = torch.where(mask, value, torch.zeros((), dtype=value.dtype))
         return masked.contiguous() if value.is_contiguous() else masked  # views downstream need it
     if isinstance(mask, (tuple, list)) and isinstance(value, (tuple, list)):
-        return type(value)(_apply(v, m) for v, m in zip(value, mask))
+        return type(value)(apply_channel_mask(v, m) for v, m in zip(value, mask))
     return value
 
 
@@ -382,19 +384,29 @@ class _MaskedModule(nn.Module):
             return _Masking(self.gm, self.masks, self.weight_masks).run(*args)
 
 
+def channel_masks(graph: Graph, plan: ChannelPlan) -> dict[str, Any]:
+    """Per node whose output carries channels the plan removes: a boolean mask (broadcastable to the
+    output; a tuple of them for tuple outputs), False at the removed positions. Nodes that lose no
+    channel are left out (and so are removed attention heads, which live inside their module:
+    ``attention_weight_masks``)."""
+    analysis = analyze_channels(graph)
+    keep = analysis.keep_slots(validate_plan(analysis, plan))
+    masks = {}
+    for node in graph.module.graph.nodes:
+        mask = _mask_for(analysis.states.get(node.name), node.meta.get(META_VALUE), keep)
+        if mask is not None and not all(bool(m.all()) for m in tree_flatten(mask)[0] if isinstance(m, torch.Tensor)):
+            masks[node.name] = mask
+    return masks
+
+
 def masked_reference(graph: Graph, plan: ChannelPlan) -> nn.Module:
     """The original model (a copy, in eval mode) with every removed channel zeroed wherever it flows
     (and a removed attention head's weights zeroed inside its module): the semantics a pruned module
     must reproduce."""
     analysis = analyze_channels(graph)
     keep = analysis.keep_slots(validate_plan(analysis, plan))
-    masks = {}
-    for node in graph.module.graph.nodes:
-        mask = _mask_for(analysis.states.get(node.name), node.meta.get(META_VALUE), keep)
-        if mask is not None:
-            masks[node.name] = mask
     gm = copy.deepcopy(graph.module).eval()
-    return _MaskedModule(gm, masks, attention_weight_masks(gm, analysis, keep))
+    return _MaskedModule(gm, channel_masks(graph, plan), attention_weight_masks(gm, analysis, keep))
 
 
 @dataclass(frozen=True)
