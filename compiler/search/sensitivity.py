@@ -156,12 +156,14 @@ def _evaluate_identity(evaluate: Callable | None) -> str | None:
 
 
 def _code_digest() -> str:
-    """sha256 of the source of this pass and of the lowering passes it builds modules with: a change
-    to the quantizer or the pruning invalidates what was measured with the old code."""
+    """sha256 of the source of this pass, of the lowering passes it builds modules with, and of the
+    replay and curve interpolation it measures and derives with: a change to the quantizer, the
+    pruning or the interpolation invalidates what was measured with the old code."""
     from compressc.passes.lowering import compact, fold_batchnorm, prune_channels, quantize, sparsify
+    from compressc.search import curves, replay
 
     h = hashlib.sha256()
-    for module in (compact, fold_batchnorm, prune_channels, quantize, sparsify):
+    for module in (compact, fold_batchnorm, prune_channels, quantize, sparsify, curves, replay):
         h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
