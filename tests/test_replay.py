@@ -170,3 +170,26 @@ def test_masked_local_error_of_a_group_read_by_the_output_layer_is_the_pruned_mo
     num = sum(float((a - b).square().sum()) for pb, rb in zip(pruned, replay.outputs) for a, b in zip(pb, rb))
     den = sum(float(b.square().sum()) for rb in replay.outputs for b in rb)
     assert local is not None and local == pytest.approx(num / den, rel=1e-4, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "resnet_bottleneck"])
+def test_replaying_a_variant_with_a_block_removed_equals_running_it_whole(name):
+    """A ``remove`` option's module (the block replaced by its skip: nodes gone, arguments rewired)
+    replays from the reference's values to what running it whole gives."""
+    import compressc
+    from compressc.passes.lowering.compact import prepare
+    from compressc.passes.lowering.fold_batchnorm import FoldCache, fold_batchnorm
+    from compressc.passes.analysis.removable_blocks import removable_blocks
+    from compressc.plan import Plan
+
+    model, inputs = REFERENCE_MODELS[name]()
+    graph = compressc.trace(model, inputs)
+    blocks = removable_blocks(graph)
+    assert blocks
+    folds = FoldCache()
+    replay = Replay(fold_batchnorm(graph.module, share_tensors=True, cache=folds).eval(), _batches(inputs))
+    for block in blocks:
+        variant = prepare(graph, Plan(removed=(block.id,)), share_tensors=True, fold_cache=folds).module.eval()
+        changed = replay.changed_nodes(variant)
+        assert changed and len(changed) < len(variant.graph.nodes)
+        _close(replay.run_variant(variant), replay.run_module(variant))
