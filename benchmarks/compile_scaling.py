@@ -4,14 +4,15 @@ Each model (benchmarks/zoo.py) compiles in its own process (so its peak resident
 with ``compressc.compile(model, inputs, target_size=TARGET, cache_dir=False)``. Printed per model:
 parameters, fp32 weight bytes, wall seconds per phase (trace, sensitivity, solve + lower, total) and
 the compile's CPU seconds (less sensitive to other load on the machine than wall time), peak
-resident memory per phase and overall, the memory target ``4 x fp32 weight bytes + 1.5 GB`` and
-whether it holds, and the compiled model's output error against the fp32 model on four held-out
-random inputs (``||f_c(x) - f(x)||^2 / ||f(x)||^2``, summed over them). Then the growth exponents:
+resident memory overall and per phase (trace/sensitivity/solve/lower/recovery/finalize), the memory
+target ``4 x fp32 weight bytes + 1.5 GB`` and whether it holds, and the compiled model's output error
+against the fp32 model on four held-out random inputs (``||f_c(x) - f(x)||^2 / ||f(x)||^2``, summed over them). Then the growth exponents:
 the slope of log(CPU time) and log(peak memory above the empty process) against log(parameters),
 fitted over the models run.
 
     python benchmarks/compile_scaling.py --models resnet50,densenet121 [--target 25%] [--json]
-    python benchmarks/compile_scaling.py --models gpt_1m,gpt_10m,gpt_45m,vgg16_bn,gpt_350m
+    python benchmarks/compile_scaling.py --models gpt_1m,gpt_10m,gpt_45m,gpt_350m --size 8
+    python benchmarks/compile_scaling.py --models vgg16_bn --size 64
 
 The big models need several GB each: the script runs them one at a time, never in parallel.
 """
@@ -108,13 +109,18 @@ def _print_row(r: dict) -> None:
     print(f"# {r['model']}: {r['wall_s']:.1f} s, peak {_mb(r['memory'].get('peak_rss_bytes', 0))} MB", file=sys.stderr)
 
 
+def _phases(phases: dict) -> str:
+    """``trace/sensitivity/solve/lower/recovery/finalize`` peaks in MB (the phases a data-free compile runs)."""
+    return "/".join(_mb(phases[p]) if p in phases else "-" for p in ("trace", "sensitivity", "solve", "lower", "recovery", "finalize"))
+
+
 def _print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="data-free compile: time and peak memory per phase")
     for col in ("model", "params", "fp32 MB", "trace s", "sensitivity s", "solve+lower s", "total s", "CPU s", "peak MB",
-                "target MB", "within", "output error"):
+                "target MB", "within", "peak MB per phase", "output error"):
         table.add_column(col, justify="right")
     for r in rows:
         t, peak = r["timings"], r["memory"].get("peak_rss_bytes", 0)
@@ -122,8 +128,8 @@ def _print_table(rows: list[dict]) -> None:
         table.add_row(r["model"], f"{r['params'] / 1e6:.1f}M", _mb(r["fp32_bytes"]), f"{t.get('trace_s', 0):.1f}",
                       f"{t.get('sensitivity_s', 0):.1f}", f"{lower:.1f}", f"{r['wall_s']:.1f}", f"{r.get('cpu_s', 0):.1f}", _mb(peak),
                       _mb(r["memory_target_bytes"]), "yes" if peak <= r["memory_target_bytes"] else "NO",
-                      f"{r['output_error']:.2e}")
-    Console(width=160).print(table)
+                      _phases(r["memory"].get("phases", {})), f"{r['output_error']:.2e}")
+    Console(width=220).print(table)
     params = [r["params"] for r in rows]
     time_slope = _slope(params, [r["cpu_s"] for r in rows])
     mem_slope = _slope(params, [r["memory"].get("peak_rss_bytes", 0) - r["process_baseline_bytes"] for r in rows])

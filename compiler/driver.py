@@ -381,8 +381,8 @@ def _solve_and_lower(problem, solver_impl, budget, graph, spec, totals, report, 
             trained, recovery = recover(graph, prepared, train_loader, spec.finetune, device=spec.device, seed=spec.seed,
                                         loss_fn=loss_fn, evaluate=evaluate, calibration=calibration_loader, ctx=ctx)
         with ctx.phase("finalize", graph) as phase:
-            compact = finalize(prepared, trained)
-            release(prepared.module), release(trained)  # compact holds its own copy; free theirs now, not at a gc
+            compact = finalize(prepared, trained, consume=True)  # compact.module is trained, dequantized in place
+            release(prepared.module)  # free the tensors compact does not hold now, not at a gc
             measured = len(encode_weights(compact.records))
             lowered = phase.graph = trace(compact.module, graph.example_inputs)
         if budget.bytes is None or measured <= budget.bytes:

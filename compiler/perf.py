@@ -1,5 +1,5 @@
-"""Performance helpers shared by passes: the garbage-collector pause, peak-memory accounting, and
-copies that share tensors (and their release)."""
+"""Performance helpers shared by passes: the garbage-collector pause, peak-memory accounting,
+copies that share tensors (and their release), and blocks to walk a large tensor in bounded memory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Iterator, TypeVar
 
 import torch
 
-__all__ = ["gc_paused", "peak_rss_bytes", "PeakMemory", "copy_sharing_tensors", "release"]
+__all__ = ["gc_paused", "peak_rss_bytes", "PeakMemory", "copy_sharing_tensors", "release", "BLOCK_ELEMENTS", "row_blocks"]
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -147,3 +147,28 @@ def release(module: torch.nn.Module) -> None:
     for m in module.modules():
         m._parameters.clear()
         m._buffers.clear()
+
+
+#: Elements per block where a pass works through a large tensor piece by piece (quantizing, scoring
+#: channels): its float64 temporaries stay 8 MB, whatever the tensor's size.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def row_blocks(n_rows: int, n_cols: int, size: int | None = None) -> Iterator[tuple[slice, slice]]:
+    """(row slice, column slice) blocks of at most ``size`` elements (default ``BLOCK_ELEMENTS``)
+    covering an ``(n_rows, n_cols)`` array in row-major order: whole rows where a row fits, else
+    column blocks of one row. Nothing for an empty array.
+
+    >>> [(r.start, r.stop, c.start, c.stop) for r, c in row_blocks(3, 4, size=5)]
+    [(0, 1, 0, 4), (1, 2, 0, 4), (2, 3, 0, 4)]
+    >>> [(c.start, c.stop) for _, c in row_blocks(1, 10, size=4)]      # one long row: column blocks
+    [(0, 4), (4, 8), (8, 10)]
+    """
+    size = BLOCK_ELEMENTS if size is None else size
+    if n_rows == 0 or n_cols == 0:
+        return
+    rows = max(1, min(n_rows, size // n_cols))
+    cols = n_cols if rows > 1 or n_cols <= size else max(1, size)
+    for r0 in range(0, n_rows, rows):
+        for c0 in range(0, n_cols, cols):
+            yield slice(r0, min(r0 + rows, n_rows)), slice(c0, min(c0 + cols, n_cols))

@@ -46,6 +46,7 @@ from torch.nn.utils import parametrize
 from compressc.finetune import FinetuneConfig, FinetuneReport, finetune, split_batch
 from compressc.ir import Graph
 from compressc.pass_context import PassContext
+from compressc.perf import copy_sharing_tensors
 from compressc.passes.lowering.compact import Prepared
 from compressc.passes.lowering.fake_quant import fake_quantize_module
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm, foldable_batchnorms
@@ -177,7 +178,7 @@ def _as_prepared(prepared: Prepared, student: fx.GraphModule) -> fx.GraphModule:
     same order (removing a parametrization re-registers its weight after the bias, and the weights
     file's headers follow the order)."""
     out = copy.deepcopy(prepared.module)
-    out.load_state_dict(fold_batchnorm(student).state_dict())
+    out.load_state_dict(fold_batchnorm(student, share_tensors=True).state_dict())  # student is ours: no copy of it
     return out.eval()
 
 
@@ -206,6 +207,8 @@ def recover(
     plan = prepared.plan
     if not (plan.channels or plan.layers or plan.removed):  # the identity plan: prepare() kept the module as it is
         return copy.deepcopy(prepared.module), RecoveryReport(())
+    if train_loader is None and calibration is None:  # nothing to learn from: the prepared weights as they are
+        return copy_sharing_tensors(prepared.module), RecoveryReport(())
     teacher = graph.module
     base, channels = removed_view(graph, plan.removed, plan.channels)  # remove blocks first, then prune
     student = prune_channels(base, channels) if channels else copy.deepcopy(base.module)

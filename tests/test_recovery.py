@@ -174,3 +174,23 @@ def test_a_plan_that_only_removes_blocks_is_recovered():
     assert sum(s.epochs for s in report.stages) == 2 and all(s.finetune.batches for s in report.stages)
     assert "3" not in dict(module.named_children())
     assert not torch.allclose(module(X), prepared.module(X))  # trained: it moved off the removed model
+
+
+def test_without_data_recovery_shares_the_prepared_weights_and_consuming_finalize_writes_the_same_file():
+    # data-free compiles: no batch to learn from, so recovery hands back the prepared weights without a copy,
+    # and finalize(consume=True) dequantizes them in place: the same records and values as the copying path
+    g = compressc.trace(_net(), (X,))
+    prepared = prepare(g, PLAN)
+    shared, report = recover(g, prepared, None, Finetune(epochs=0), calibration=None)
+    copied, copied_report = recover(g, prepared, None, Finetune(epochs=0), calibration=[])  # the student path
+    assert report.recalibration_batches == copied_report.recalibration_batches == 0 and report.stages == ()
+    for (name, a), (other, b) in zip(shared.state_dict().items(), copied.state_dict().items(), strict=True):
+        assert name == other and torch.equal(a, b)
+    params = dict(prepared.module.named_parameters())
+    assert all(p.data_ptr() == params[name].data_ptr() for name, p in shared.named_parameters())
+    reference = finalize(prepared, copied)
+    consumed = finalize(prepared, shared, consume=True)
+    assert consumed.module is shared
+    assert encode_weights(consumed.records) == encode_weights(reference.records)
+    for a, b in zip(consumed.module.state_dict().values(), reference.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

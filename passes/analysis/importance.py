@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from compressc import perf
 from compressc.errors import UserError
 from compressc.ir import Graph
 
@@ -99,9 +100,24 @@ def _parameter(module: nn.Module, member: GroupMember) -> torch.Tensor | None:
 
 
 def _per_position(values: torch.Tensor, dim: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
-    """``reduce`` over every dim except ``dim``: one float64 value per position of ``dim``."""
-    rows = values.detach().to("cpu", torch.float64).movedim(dim, 0).reshape(values.shape[dim], -1)
-    return reduce(rows).numpy()
+    """``reduce`` over every dim except ``dim``: one float64 value per position of ``dim``, a block of
+    positions at a time (float64 copies of about ``BLOCK_ELEMENTS`` elements, not of the whole tensor).
+
+    A block holds at least two positions (a reduction with one output may split its sum across
+    threads), so each position's sum runs as it does over the whole tensor: the same bits."""
+    v = values.detach()
+    n = v.shape[dim]
+    if n < 2:
+        return reduce(v.to("cpu", torch.float64).movedim(dim, 0).reshape(n, -1)).numpy()
+    rest = v.numel() // n
+    step = max(2, perf.BLOCK_ELEMENTS // max(rest, 1))
+    starts = list(range(0, n, step))
+    if n - starts[-1] < 2:
+        starts.pop()
+    ends = starts[1:] + [n]
+    parts = [reduce(v.narrow(dim, a, b - a).to("cpu", torch.float64).movedim(dim, 0).reshape(b - a, rest))
+             for a, b in zip(starts, ends)]
+    return torch.cat(parts).numpy()
 
 
 def _scatter(per_position: np.ndarray, member: GroupMember, size: int) -> np.ndarray:

@@ -155,16 +155,19 @@ def _float_record(name: str, t: torch.Tensor) -> TensorRecord:
     return TensorRecord(name, tuple(t.shape), "float32", values=t.detach().to(torch.float32).cpu().numpy())
 
 
-def finalize(prepared: Prepared, module: torch.nn.Module | None = None) -> Compact:
+def finalize(prepared: Prepared, module: torch.nn.Module | None = None, *, consume: bool = False) -> Compact:
     """Quantize the weights of ``module`` (default: the prepared one, e.g. after fine-tuning) into
-    records; the returned module is a copy holding the dequantized values.
+    records; the returned module is a copy holding the dequantized values. ``consume=True``: no copy,
+    the dequantized values are written into ``module``'s tensors and ``module`` is returned (for a
+    caller that owns it and needs it no more: a copy of a model-sized module saved).
 
     Records follow the *prepared* module's state-dict order, whatever order ``module`` holds its
     tensors in (removing a parametrization re-registers a weight after its bias, for one), so the file
     is the one ``predict_bytes`` priced: the size model reads names in order. ``module`` must hold
     exactly the prepared module's tensors, with the same shapes.
     """
-    module = copy.deepcopy(module if module is not None else prepared.module)
+    module = module if module is not None else prepared.module
+    module = module if consume else copy.deepcopy(module)
     state = module.state_dict(keep_vars=True)
     expected = {name: tuple(t.shape) for name, t in prepared.module.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in state.items()}
@@ -199,7 +202,7 @@ def compact_graph(graph: Graph) -> Compact:
 
 def lower(graph: Graph, plan: Plan) -> Compact:
     """``finalize(prepare(graph, plan))``: the compact model and its weights file records."""
-    return finalize(prepare(graph, plan))
+    return finalize(prepare(graph, plan), consume=True)
 
 
 def _placeholder_record(name: str, t: torch.Tensor, spec: QuantSpec | None, mask, element_mask) -> TensorRecord:

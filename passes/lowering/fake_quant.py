@@ -37,6 +37,7 @@ from compressc.passes.lowering.quantize import (
     QuantizedTensor,
     QuantSpec,
     dequantize,
+    encode_rows,
     fit,
     float_values,
     from_rows,
@@ -83,21 +84,21 @@ class FakeQuantize(nn.Module):
         self._frozen = None
 
     def _fit_for(self, weight: torch.Tensor):
-        x, keep, cd = prepare_rows(weight, self.spec, self.name, self.mask)
+        rows, cd = prepare_rows(weight, self.spec, self.name, self.mask)
         if self.freeze_scales and self._frozen is not None:
-            return x, keep, cd, self._frozen
-        f = fit(x, keep, self.spec, self.name)
+            return rows, cd, self._frozen
+        f = fit(rows, self.spec, self.name)
         if self.freeze_scales:
             self._frozen = f
-        return x, keep, cd, f
+        return rows, cd, f
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         keep = torch.ones_like(weight, dtype=torch.bool) if self.mask is None else self.mask
         if self.spec.is_float:
             value = float_values(weight, self.spec, self.name, self.mask)
             return value.to(weight.dtype) + (weight - weight.detach()) * keep
-        x, _, cd, f = self._fit_for(weight)
-        codes, inside = f.encode(x)
+        rows, cd, f = self._fit_for(weight)
+        codes, inside = f.encode(rows.full())
         value = from_rows(f.decode(codes), tuple(weight.shape), cd).to(weight.dtype)
         grad_mask = keep & from_rows(inside, tuple(weight.shape), cd)
         # value + 0: the forward value is exactly the dequantized weight; d(out)/d(weight) = grad_mask.
@@ -107,8 +108,8 @@ class FakeQuantize(nn.Module):
         """The ``QuantizedTensor`` whose dequantization is what ``forward(weight)`` returns."""
         if self.spec.is_float:
             return quantize(weight, self.spec, self.name, self.mask)
-        x, _, cd, f = self._fit_for(weight)
-        return f.pack(f.encode(x)[0], tuple(weight.shape), cd, self.spec)
+        rows, cd, f = self._fit_for(weight)
+        return f.pack(encode_rows(f, rows), tuple(weight.shape), cd, self.spec)
 
     def extra_repr(self) -> str:
         return f"{self.spec}, masked={self.mask is not None}, freeze_scales={self.freeze_scales}"

@@ -40,11 +40,13 @@ import numpy as np
 import torch
 
 from compressc.errors import UserError
+from compressc.passes.lowering.rows import Rows, from_rows, to_rows
+from compressc.perf import row_blocks
 
 __all__ = [
     "QuantSpec", "QuantizedTensor", "QuantizationError", "quantize", "dequantize", "float8_grid", "CLIP_ALPHAS",
     "FLOAT8_DEFAULT_MAX_BITS", "Fitted", "UniformFit", "CodebookFit", "FITS", "fit", "fitted_of", "prepare_rows",
-    "to_rows", "from_rows", "float_values", "QuantizePass",
+    "Rows", "to_rows", "from_rows", "encode_rows", "float_values", "QuantizePass",
 ]
 
 SCHEMES = ("symmetric", "asymmetric", "codebook")
@@ -235,31 +237,19 @@ def _check_quantized(q: QuantizedTensor) -> None:
     need(below(q.codes, 1 << q.bits), "codes must be < 2**bits")
 
 
-# -- layout: any tensor <-> rows (one per channel) -------------------------------------------------
-def to_rows(t: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
-    """``t`` as a 2-D tensor with one row per index of ``channel_dim`` (one row when None)."""
-    if channel_dim is None:
-        return t.reshape(1, -1)
-    n = t.shape[channel_dim]
-    rest = math.prod(t.shape[:channel_dim] + t.shape[channel_dim + 1 :])
-    return t.movedim(channel_dim, 0).reshape(n, rest)
+def _blocks_of(w: torch.Tensor):
+    """``w``'s elements a block at a time (``torch.isfinite`` of a whole tensor takes a float copy of it)."""
+    flat = to_rows(w, None)  # a view unless w is not contiguous
+    return (flat[r, c] for r, c in row_blocks(*flat.shape))
 
 
-def from_rows(x: torch.Tensor, shape: tuple[int, ...], channel_dim: int | None) -> torch.Tensor:
-    """The inverse of ``to_rows``: rows back to a tensor of ``shape``."""
-    if channel_dim is None:
-        return x.reshape(shape)
-    moved = (shape[channel_dim],) + shape[:channel_dim] + shape[channel_dim + 1 :]
-    return x.reshape(moved).movedim(0, channel_dim)
-
-
-def prepare_rows(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None):
-    """Checks ``weight`` (and ``mask``) for ``spec``; returns (float64 rows with masked-out weights set to 0, keep rows or None, channel_dim)."""
+def prepare_rows(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None) -> tuple[Rows, int | None]:
+    """Checks ``weight`` (and ``mask``) for ``spec``; returns (its ``Rows``: no copy where the layout
+    allows, float64 and masked block by block; channel_dim)."""
     w = weight.detach()
     if not w.is_floating_point():
         raise QuantizationError(f"cannot quantize {name!r}: it is a {w.dtype} tensor, not a floating-point one")
-    bad = ~torch.isfinite(w)
-    if bad.any():
+    if not all(bool(torch.isfinite(block).all()) for block in _blocks_of(w)):
         n_nan, n_inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
         raise QuantizationError(
             f"cannot quantize {name!r} (shape {tuple(w.shape)}): it holds {n_nan} NaN and {n_inf} infinite "
@@ -284,10 +274,7 @@ def prepare_rows(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.T
                 hint="pass a bool mask of the weight's shape (True = kept)",
             )
         keep = to_rows(mask.detach().to(device=w.device, dtype=torch.bool), cd)
-    x = to_rows(w.to(_F64), cd)
-    if keep is not None:
-        x = torch.where(keep, x, 0.0)
-    return x, keep, cd
+    return Rows(to_rows(w, cd), keep), cd
 
 
 # -- uniform (symmetric / asymmetric) ---------------------------------------------------------------
@@ -348,18 +335,23 @@ def _uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bo
     return s, z
 
 
-def _range(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.shape[1] == 0:
-        zero = x.new_zeros(x.shape[0])
-        return zero, zero
-    if symmetric:
-        m = x.abs().amax(1)
-        return -m, m
-    lo, hi = torch.aminmax(x, dim=1)
-    return lo.clamp(max=0), hi.clamp(min=0)
+def _range(rows: Rows, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) per row, lo <= 0 <= hi: -max|x|, max|x| (symmetric) or min(x, 0), max(x, 0); block by block."""
+    n = rows.shape[0]
+    lo = torch.zeros(n, dtype=_F64, device=rows.data.device)
+    hi = torch.zeros(n, dtype=_F64, device=rows.data.device)
+    for r, c in rows.blocks():
+        x = rows.block(r, c)
+        if symmetric:
+            torch.maximum(hi[r], x.abs().amax(1), out=hi[r])
+        else:
+            a, b = torch.aminmax(x, dim=1)
+            torch.minimum(lo[r], a, out=lo[r])
+            torch.maximum(hi[r], b, out=hi[r])
+    return (-hi, hi) if symmetric else (lo, hi)
 
 
-def _fit_uniform(x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+def _fit_uniform(x: Rows, spec: QuantSpec, name: str) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """(scale, zero, float8 base or None). The float8 base comes from the unclipped ranges, so every
     clipping candidate fits under it and alpha = 1 gives the same scales as ``clip_search=False``."""
     symmetric = spec.scheme == "symmetric"
@@ -367,7 +359,7 @@ def _fit_uniform(x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Ten
     base = None
     if spec.scale_dtype == "float8":
         base = _float8_base(float(((hi - lo) / ((1 << spec.bits) - 1)).max()) if lo.numel() else 0.0)
-    alphas = torch.tensor(CLIP_ALPHAS if spec.clip_search else (1.0,), dtype=_F64, device=x.device)[:, None]
+    alphas = torch.tensor(CLIP_ALPHAS if spec.clip_search else (1.0,), dtype=_F64, device=x.data.device)[:, None]
     S, Z = _uniform_params(alphas * lo, alphas * hi, spec.bits, symmetric, spec.scale_dtype, base)
     if torch.isinf(S[0]).any():
         big = max(float(hi.max()), -float(lo.min()))
@@ -385,20 +377,20 @@ def _fit_uniform(x: torch.Tensor, spec: QuantSpec, name: str) -> tuple[torch.Ten
     return S.gather(0, best[None])[0], Z.gather(0, best[None])[0], base
 
 
-def _search_errors(x: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+def _search_errors(x: Rows, S: torch.Tensor, Z: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Squared error per (alpha, channel), ``sum((x - scale * clamp(round(x / scale)))**2)``, in blocks."""
     n_alpha, n_rows = S.shape
     n_cols = max(x.shape[1], 1)
     rows = max(1, min(n_rows, _BLOCK // n_cols))
     cols = min(n_cols, max(1, _BLOCK // rows))
     qmax = (1 << bits) - 1
-    err = torch.zeros(n_alpha, n_rows, dtype=_F64, device=x.device)
+    err = torch.zeros(n_alpha, n_rows, dtype=_F64, device=x.data.device)
     inv = 1.0 / S  # multiplying is cheaper than dividing; the final encode divides
     for r0 in range(0, n_rows, rows):
         r = slice(r0, r0 + rows)
         lo_q, hi_q = -Z[:, r, None], qmax - Z[:, r, None]
         for c0 in range(0, x.shape[1], cols):
-            xb = x[r, c0 : c0 + cols]
+            xb = x.block(r, slice(c0, c0 + cols))
             t, q = torch.empty_like(xb), torch.empty_like(xb)
             for i in range(n_alpha):
                 torch.mul(xb, inv[i, r, None], out=t)
@@ -489,6 +481,10 @@ class Fitted(Protocol):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
 
+    def rows(self, r: slice) -> Fitted:
+        """The quantizer of rows ``r`` only (to encode or decode a block of rows)."""
+        ...
+
     def pack(self, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, spec: QuantSpec) -> QuantizedTensor: ...
 
 
@@ -504,7 +500,7 @@ class UniformFit:
     scale_base: float | None = None
 
     @classmethod
-    def fit(cls, x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> UniformFit:
+    def fit(cls, x: Rows, spec: QuantSpec, name: str) -> UniformFit:
         scale, zero, base = _fit_uniform(x, spec, name)
         return cls(spec.bits, spec.scheme, scale=scale, zero=zero, scale_base=base)
 
@@ -527,6 +523,9 @@ class UniformFit:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return (codes.to(_F64) - self.zero[:, None]) * self.scale[:, None]
 
+    def rows(self, r: slice) -> UniformFit:
+        return UniformFit(self.bits, self.scheme, self.scale[r], self.zero[r], self.scale_base)
+
     def pack(self, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, spec: QuantSpec) -> QuantizedTensor:
         zp = self.zero.to(torch.uint8).cpu().numpy() if self.scheme == "asymmetric" else None
         return QuantizedTensor(
@@ -543,9 +542,9 @@ class CodebookFit:
     codebook: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> CodebookFit:
-        kept = x.flatten() if keep is None else x[keep]
-        return cls(spec.bits, _kmeans(kept, spec.bits, spec.include_zero or keep is not None))
+    def fit(cls, x: Rows, spec: QuantSpec, name: str) -> CodebookFit:
+        kept = (x.data.flatten() if x.keep is None else x.data[x.keep]).to(_F64)  # the whole tensor: k-means sorts it
+        return cls(spec.bits, _kmeans(kept, spec.bits, spec.include_zero or x.keep is not None))
 
     @classmethod
     def of(cls, q: QuantizedTensor) -> CodebookFit:
@@ -556,6 +555,9 @@ class CodebookFit:
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.codebook[codes]
+
+    def rows(self, r: slice) -> CodebookFit:
+        return self
 
     def pack(self, codes: torch.Tensor, shape: tuple[int, ...], cd: int | None, spec: QuantSpec) -> QuantizedTensor:
         codebook = self.codebook.to(torch.float32).cpu().numpy()
@@ -570,9 +572,18 @@ def _codes_array(codes: torch.Tensor, shape: tuple[int, ...], cd: int | None) ->
     return from_rows(codes, shape, cd).to(torch.uint8).cpu().contiguous().numpy()
 
 
-def fit(x: torch.Tensor, keep: torch.Tensor | None, spec: QuantSpec, name: str) -> Fitted:
-    """The quantizer ``spec`` describes, fitted to the rows ``x`` (``keep``: the rows' kept weights)."""
-    return FITS[spec.scheme].fit(x, keep, spec, name)
+def fit(x: Rows, spec: QuantSpec, name: str) -> Fitted:
+    """The quantizer ``spec`` describes, fitted to the rows ``x`` (from ``prepare_rows``)."""
+    return FITS[spec.scheme].fit(x, spec, name)
+
+
+def encode_rows(f: Fitted, x: Rows) -> torch.Tensor:
+    """The uint8 codes of the rows ``x`` (on their device), encoded block by block: the same codes as
+    ``f.encode(x.full())``, without its float64 and int64 temporaries of the whole tensor."""
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.data.device)
+    for r, c in x.blocks():
+        codes[r, c] = f.rows(r).encode(x.block(r, c))[0]
+    return codes
 
 
 def fitted_of(q: QuantizedTensor) -> Fitted:
@@ -582,9 +593,12 @@ def fitted_of(q: QuantizedTensor) -> Fitted:
 
 def float_values(weight: torch.Tensor, spec: QuantSpec, name: str, mask: torch.Tensor | None) -> torch.Tensor:
     """The 16/32-bit path: masked-out weights zeroed, rounded to float16/float32 (nearest)."""
-    x, _, _ = prepare_rows(weight, spec, name, mask)
+    x, _ = prepare_rows(weight, spec, name, mask)
     dtype = torch.float16 if spec.bits == 16 else torch.float32
-    v = x.reshape(weight.shape).to(dtype)
+    v = torch.empty(x.shape, dtype=dtype, device=x.data.device)
+    for r, c in x.blocks():
+        v[r, c] = x.block(r, c)  # rounded to nearest, as .to(dtype) rounds
+    v = v.reshape(weight.shape)
     if not torch.isfinite(v).all():
         raise QuantizationError(
             f"cannot store {name!r} in {dtype}: {int((~torch.isfinite(v)).sum())} value(s) exceed its range "
@@ -627,9 +641,9 @@ def quantize(
     if spec.is_float:
         v = float_values(weight, spec, name, mask)
         return QuantizedTensor(shape, spec.bits, "float", values=v.cpu().numpy())
-    x, keep, cd = prepare_rows(weight, spec, name, mask)  # computed on weight's device, returned on the CPU
-    f = fit(x, keep, spec, name)
-    return f.pack(f.encode(x)[0], shape, cd, spec)
+    x, cd = prepare_rows(weight, spec, name, mask)  # computed on weight's device, returned on the CPU
+    f = fit(x, spec, name)
+    return f.pack(encode_rows(f, x), shape, cd, spec)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
@@ -644,8 +658,14 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """
     if q.scheme == "float":
         return torch.from_numpy(q.values.astype(np.float32))
-    codes = to_rows(torch.from_numpy(q.codes.astype(np.int64)), q.channel_dim)
-    return from_rows(fitted_of(q).decode(codes), q.shape, q.channel_dim).to(torch.float32)
+    cd = q.channel_dim
+    n = 1 if cd is None else q.shape[cd]
+    codes = (q.codes if cd is None else np.moveaxis(q.codes, cd, 0)).reshape(n, math.prod(q.shape) // max(n, 1))
+    f = fitted_of(q)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    for r, c in row_blocks(*codes.shape):  # int64 codes and float64 values of one block at a time
+        out[r, c] = f.rows(r).decode(torch.from_numpy(codes[r, c].astype(np.int64)))
+    return from_rows(out, q.shape, cd)
 
 
 @dataclass(frozen=True)
