@@ -176,8 +176,8 @@ def trim_heap() -> None:
 
 
 #: Elements per block where a pass works through a large tensor piece by piece (quantizing, scoring
-#: channels): its float64 temporaries stay 8 MB, whatever the tensor's size.
-BLOCK_ELEMENTS = 1 << 20
+#: channels): its float64 temporaries stay a few MB (2 MB a block), whatever the tensor's size.
+BLOCK_ELEMENTS = 1 << 18
 
 
 def row_blocks(n_rows: int, n_cols: int, size: int | None = None) -> Iterator[tuple[slice, slice]]:
