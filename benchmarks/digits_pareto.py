@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import time
 import warnings
 from pathlib import Path

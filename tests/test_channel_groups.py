@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import compressc
 from compressc.passes.analysis.channel_groups import ChannelAnalysisWarning

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import compressc
 from compressc.artifact import encode_weights
 from compressc.passes.lowering.compact import finalize, predict_bytes, prepare
-from compressc.passes.lowering.fake_quant import fake_quantize_module, strip_fake_quant
+from compressc.passes.lowering.fake_quant import fake_quantize_module
 from compressc.passes.lowering.fold_batchnorm import fold_batchnorm, foldable_batchnorms
 from compressc.passes.lowering.quantize import QuantSpec, quantize
 from compressc.plan import LayerSettings, Plan

@@ -275,7 +275,7 @@ class _Search:
         return self.counts["students"] if ev is None else ev.stats()["evaluations"] - start
 
     def run(self) -> tuple[Plan, dict[str, Any]]:
-        problem, solver, ev = self.problem, self.solver, self.problem.evaluator
+        solver, ev = self.solver, self.problem.evaluator
         bounded = ev is not None and ev.budget.max_evaluations is not None
         total = ev.remaining if bounded else solver.samples
         start = 0 if ev is None else ev.stats()["evaluations"]
