@@ -45,18 +45,8 @@ class RandomSolver:
         return dict(self._stats)
 
     def _candidate(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Choice:
-        start = np.array([rng.integers(len(k.options)) for k in problem.knobs], dtype=float)
-        end = np.array(problem.most_compressed(), dtype=float)
-        steps = int(np.abs(end - start).max()) * 4 + 1
-        path = list(dict.fromkeys(tuple(int(i) for i in np.round(start + t * (end - start)))
-                                  for t in np.linspace(0.0, 1.0, steps + 1)))
-        if problem.feasible(path[0], budget):
-            return path[0]
-        lo, hi = 0, len(path) - 1  # path[hi], the most compressed choice, fits by contract
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if problem.feasible(path[mid], budget) else (mid, hi)
-        return path[hi]
+        start = tuple(int(rng.integers(len(k.options))) for k in problem.knobs)
+        return problem.fit_on_line(start, problem.most_compressed(), budget)
 
     def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan:
         top = problem.uncompressed()

@@ -327,6 +327,29 @@ class Problem:
             return False
         return budget.flops is None or self.flops(choice) <= budget.flops
 
+    def fit_on_line(self, start: Sequence[int], end: Sequence[int], budget: Budget) -> Choice:
+        """The first choice on the straight line from ``start`` towards ``end`` (option indices
+        rounded; ``end`` must fit) that fits ``budget``: each knob moved the same share of its way,
+        found by bisection over the distinct choices on the line, with exact costs. How the random
+        solver turns a uniform draw into a feasible candidate (and the drl solver its warm-up episodes).
+
+        >>> p = Problem.from_table(options=[(32, 8, 4, 2)] * 2, distortion=[(0, .1, .2, .9)] * 2,
+        ...                        bytes_table=[(400, 100, 50, 25)] * 2)
+        >>> p.fit_on_line((0, 0), p.most_compressed(), Budget(bytes=200))
+        (1, 1)
+        """
+        a, b = np.asarray(start, dtype=float), np.asarray(end, dtype=float)
+        steps = int(np.abs(b - a).max()) * 4 + 1
+        path = list(dict.fromkeys(tuple(int(i) for i in np.round(a + t * (b - a)))
+                                  for t in np.linspace(0.0, 1.0, steps + 1)))
+        if self.feasible(path[0], budget):
+            return path[0]
+        lo, hi = 0, len(path) - 1  # path[hi], ``end``, fits by contract
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.feasible(path[mid], budget) else (mid, hi)
+        return path[hi]
+
     @functools.cached_property
     def _bytes(self) -> Callable[[Choice], int]:
         return functools.lru_cache(maxsize=4096)(lambda c: int(self.bytes_of(self.plan(c))))

@@ -57,7 +57,7 @@ STAGES = ("prune,quantize", "joint")
 PRIORS = ("convex", "greedy", "none")
 #: ``steps="auto"`` when the compile fine-tunes: on digits at 4KB the rank correlation of a plan's
 #: score after 10 steps with its score after 40 was 0.75 (20 random plans), at 0 steps -0.08.
-FINETUNED_STEPS = 10
+FINETUNED_STEPS = 40
 
 
 class DRLSolver:
@@ -192,6 +192,9 @@ class DRLSolver:
         if ev is not None and ev.budget.time_limit is not None and not last:
             deadline = self._t0 + ev.budget.time_limit / 2  # the first of two stages gets half the time
         walk = Walk(problem, budget, stage)
+        # random plans drawn towards the floor in stage 1 (the random solver's), towards stage 1's best
+        # in stage 2: on a budget stage 1 filled, the line to the floor leaves few distinct bit-widths
+        toward = stage.base if stage.name == "quantize" else None
         agent = DDPGAgent(walk.state_dim, rng, hidden=self.hidden)
         warm = int(math.ceil(self.warmup * share))
         self._stats["stages"].append({"name": stage.name, "knobs": len(stage.knobs), "warmup": warm, "episodes": 0})
@@ -203,17 +206,14 @@ class DRLSolver:
             batch: list[tuple[Episode, bool]] = []
             for _ in range(min(self.round_size, share - done)):
                 k = done + len(batch)  # in evaluations when they are counted: repeated plans do not shrink the noise
-                random_actions = k < warm
                 if episodes + len(batch) < len(self._demos):
                     batch.append((walk.replay(self._demos[episodes + len(batch)]), True))
-                    continue
-                if random_actions:
-                    policy = lambda state: float(rng.uniform())  # noqa: E731
+                elif k < warm or stalled:  # warm-up, or the policy's last round found nothing new: a random plan
+                    batch.append((walk.sample(rng, toward), True))
                 else:
                     progress = (k - warm) / max(1, share - warm - 1)
                     sigma = self.noise * (self.noise_final / self.noise) ** min(1.0, progress)
-                    policy = lambda state, sigma=sigma: agent.act(state, sigma)  # noqa: E731
-                batch.append((walk.run(policy), random_actions))
+                    batch.append((walk.run(lambda state, sigma=sigma: agent.act(state, sigma)), False))
             scores = self._score(problem, [e.choice for e, _ in batch])
             added = 0
             for (episode, random_actions), score in zip(batch, scores):
@@ -226,7 +226,7 @@ class DRLSolver:
             self._task.update(completed=(ev.stats()["evaluations"] - self._spent0) if counts_evaluations else
                               self._stats["episodes"], detail=f"{stage.name}, best score {self._stats['best_score'] or 0:.4g}")
             before, done = done, (ev.stats()["evaluations"] - start_evaluations) if counts_evaluations else episodes
-            stalled = stalled + 1 if done == before else 0  # rounds of plans the cache already knew: a collapsed stage
+            stalled = stalled + 1 if done == before else 0  # a round of plans the cache already knew: explore
             if done >= warm:
                 agent.update(self.updates * added)
             if all(s is None for s in scores):

@@ -176,6 +176,17 @@ class Walk:
                 return Episode(tuple(shown), tuple(steps))
         return Episode(self._fill(choice), tuple(steps))
 
+    def sample(self, rng: np.random.Generator, toward: Sequence[int] | None = None) -> Episode:
+        """A random episode: the stage's knobs (and fill) at uniformly drawn options, moved along the
+        straight line towards ``toward`` (a choice that fits; the floor by default) just far enough to
+        fit (``Problem.fit_on_line``: the random solver's candidates, within the stage), replayed so
+        that its steps hold the states and levels."""
+        end = self.floor if toward is None else tuple(int(i) for i in toward)
+        free = set(self.stage.knobs) | set(self.stage.fill)
+        start = tuple(int(rng.integers(len(k.options))) if j in free else i
+                      for j, (k, i) in enumerate(zip(self.problem.knobs, end)))
+        return self.replay(self.problem.fit_on_line(start, end, self.budget))
+
     def replay(self, choice: Sequence[int]) -> Episode:
         """A demonstration: the episode whose proposals are ``choice``'s options (and whose fill is
         ``choice``'s, when that fits). The same clamp applies, so it reproduces ``choice`` whenever each
