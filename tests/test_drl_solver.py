@@ -103,6 +103,38 @@ def test_stage_two_keeps_the_structure_stage_one_chose():
     assert all(a == b for j, (a, b) in enumerate(zip(one, two)) if problem.knobs[j].kind != "bits")
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), q=st.floats(0.0, 1.0), draw=st.integers(0, 2**31), stage=st.sampled_from(["prune", "quantize", "joint"]))
+def test_a_random_episode_fits_and_moves_only_the_stage_knobs(seed, q, draw, stage):
+    """``Walk.sample``: a uniform draw over the stage's knobs (and fill) moved towards ``toward`` until
+    it fits; the episode reproduces that choice, and every other knob keeps its option."""
+    problem = coupled_problem(seed, 5, overhead=True, removal=seed % 2 == 0)
+    budget = _budget(problem, q)
+    one = Walk(problem, budget, prune_stage(problem)).run(lambda s: 0.6).choice
+    stages = {"prune": prune_stage(problem), "quantize": quantize_stage(problem, one), "joint": joint_stage(problem)}
+    walk = Walk(problem, budget, stages[stage])
+    toward = one if stage == "quantize" else None
+    episode = walk.sample(np.random.default_rng(draw), toward)
+    assert problem.feasible(episode.choice, budget)
+    free = set(walk.stage.knobs) | set(walk.stage.fill)
+    base = walk.floor if toward is None else toward
+    assert all(i == b for j, (i, b) in enumerate(zip(episode.choice, base)) if j not in free)
+    assert len(episode.steps) <= len(walk.stage.knobs)
+
+
+def test_a_collapsed_policy_explores_instead_of_stopping():
+    """A policy with (almost) no noise proposes the same plan round after round; those rounds cost
+    nothing (cache hits), so the next round draws random plans: the evaluations get spent."""
+    problem = coupled_problem(7, 6)
+    budget = _budget(problem, 0.4)
+    problem.evaluator = Evaluator.from_function(lambda plan: -problem.objective(problem.choice_of(plan)),
+                                                budget=SearchBudget(max_evaluations=40))
+    solver = DRLSolver(stages="joint", warmup=0.0, noise=1e-6, noise_final=1e-6, round_size=4, hidden=8, prior="none")
+    solver.solve(problem, budget, np.random.default_rng(0))
+    assert problem.evaluator.stats()["evaluations"] == 40
+    assert any(solver.statistics()["curve"]["warmup"][4:])  # random plans after the warm-up (there was none)
+
+
 # -- determinism ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stages", ["prune,quantize", "joint"])
 def test_the_same_seed_gives_the_same_search(stages):

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 import compressc
 from compressc.plan import weight_tensors
-from compressc.search.problem import KIND_ORDER, LayerFeatures, Problem
+from compressc.search.problem import KIND_ORDER, Budget, LayerFeatures, Problem
 from compressc.search.problem_builder import build_problem
 from compressc.spec import Spec
+from compressc.testing import coupled_problem
 from tests.arch_strategies import build, cnn_specs
 
 SPEC = Spec.from_dict({"actions": {"sparsity": ["unstructured"], "bits": [8, 4, 2], "keep_ratios": [0.75, 0.5, 0.25]}})
@@ -93,3 +94,21 @@ def test_features_of_a_known_layer():
     assert (fc.op, fc.in_channels, fc.out_channels, fc.kernel, fc.depth, fc.layers) == ("linear", 128, 5, 1, 1, 2)
     assert conv.macs == 8 * 3 * 9 * 16 and by_key["keep:" + str(problem.knobs[0].target)].out_channels == 8
     assert set(weight_tensors(model)) == {"0.weight", "4.weight"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), q=st.floats(0.0, 1.0), draw=st.integers(0, 2**31))
+def test_fit_on_line_returns_the_first_fitting_choice_on_the_line(seed, q, draw):
+    """``fit_on_line(start, end)``: the result fits, lies on the line (every knob moved the same share
+    of its way, rounded), and no choice on the line closer to ``start`` fits (costs grow with each option)."""
+    problem = coupled_problem(seed, 5, overhead=True)
+    floor, top = problem.most_compressed(), problem.uncompressed()
+    budget = Budget(bytes=int(problem.bytes(floor) + q * (problem.bytes(top) - problem.bytes(floor))))
+    rng = np.random.default_rng(draw)
+    start = tuple(int(rng.integers(len(k.options))) for k in problem.knobs)
+    got = problem.fit_on_line(start, floor, budget)
+    assert problem.feasible(got, budget)
+    a, b = np.array(start, float), np.array(floor, float)
+    line = [tuple(int(i) for i in np.round(a + t * (b - a))) for t in np.linspace(0.0, 1.0, 401)]
+    assert got in line
+    assert not any(problem.feasible(c, budget) for c in line[:line.index(got)])
