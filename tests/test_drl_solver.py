@@ -135,6 +135,45 @@ def test_a_collapsed_policy_explores_instead_of_stopping():
     assert any(solver.statistics()["curve"]["warmup"][4:])  # random plans after the warm-up (there was none)
 
 
+class _NoisyScorer:
+    """Minus the objective plus seeded noise: a plan scored again (another seed) scores differently."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+
+    def score(self, plan: Plan, steps: int, seed: int) -> float:
+        return -self.problem.objective(self.problem.choice_of(plan)) + 0.3 * float(np.random.default_rng(seed).normal())
+
+
+@pytest.mark.parametrize("steps", [0, 5])
+def test_the_best_plans_are_confirmed_by_a_second_score_within_the_budget(steps):
+    """With fine-tuning steps (a noisy score) the ``confirm`` best-rewarded plans are scored once more
+    (``repeat=1``: another seed) inside ``--max-evaluations``, and the plan returned is the best by the
+    mean of the two; with ``steps=0`` (the same score for every seed) nothing is scored twice."""
+    from compressc.search.executors import SerialExecutor
+
+    problem = coupled_problem(11, 6)
+    budget = _budget(problem, 0.3)
+    problem.evaluator = Evaluator(None, executor=SerialExecutor(scorer=_NoisyScorer(problem)),
+                                  budget=SearchBudget(max_evaluations=30))
+    solver = DRLSolver(steps=steps, confirm=3, round_size=4, hidden=8, prior="none")
+    plan = solver.solve(problem, budget, np.random.default_rng(0))
+    stats = solver.statistics()
+    assert problem.evaluator.stats()["evaluations"] <= 30
+    if steps == 0:
+        assert stats["confirmed"] == []
+        assert problem.evaluator.stats()["evaluations"] + problem.evaluator.stats()["cache_hits"] == stats["episodes"]
+        assert stats["best_reward"] == max(stats["curve"]["reward"]) == problem.evaluator.score(plan, steps=0)
+        return
+    rows = stats["confirmed"]
+    firsts = sorted(set(stats["curve"]["reward"]), reverse=True)[:3]
+    assert [r["reward"] for r in rows] == firsts
+    assert all(r["again"] != r["reward"] for r in rows)
+    assert problem.evaluator.stats()["evaluations"] == 30  # the stages left 3 for the confirmation, and it used them
+    best = max(rows, key=lambda r: r["mean"])
+    assert problem.bytes(problem.choice_of(plan)) == best["bytes"]
+
+
 # -- determinism ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stages", ["prune,quantize", "joint"])
 def test_the_same_seed_gives_the_same_search(stages):
@@ -230,9 +269,9 @@ def _steps_seen(problem: Problem, budget: SearchBudget = SearchBudget()) -> Eval
     ev = Evaluator.from_function(lambda plan: -problem.objective(problem.choice_of(plan)), budget=budget)
     ev.steps_seen, score_many = [], ev.score_many
 
-    def recording(plans, steps=0):
+    def recording(plans, steps=0, **kw):
         ev.steps_seen.append(steps)
-        return score_many(plans, steps=steps)
+        return score_many(plans, steps=steps, **kw)
 
     ev.score_many = recording
     return ev

@@ -109,11 +109,14 @@ class Evaluator:
         """The plan's score (higher is better), or None when the budget is spent."""
         return self.score_many([plan], steps)[0]
 
-    def score_many(self, plans: Sequence[Plan], steps: int = 0) -> list[float | None]:
-        """Scores of ``plans`` in order; None for those the budget did not reach."""
+    def score_many(self, plans: Sequence[Plan], steps: int = 0, repeat: int = 0) -> list[float | None]:
+        """Scores of ``plans`` in order; None for those the budget did not reach. ``repeat``: which
+        independent score of each plan (0: the first; ``r > 0``: scored again with another seed,
+        an evaluation of its own: after fine-tuning steps a score is noisy, and a search can confirm
+        its best plans)."""
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        keys = [self._key(p, steps) for p in plans]
+        keys = [self._key(p, steps, repeat) for p in plans]
         out: list[float | None] = [self._cache.get(k) for k in keys]
         todo: dict[str, Plan] = {}
         for key, plan, got in zip(keys, plans, out):
@@ -130,7 +133,7 @@ class Evaluator:
             n = len(pending) if self.budget.time_limit is None else self.workers
             n = n if room is None else min(n, room)
             batch, pending = pending[:n], pending[n:]
-            for key, value in zip((k for k, _ in batch), self._run([p for _, p in batch], steps)):
+            for key, value in zip((k for k, _ in batch), self._run([p for _, p in batch], steps, repeat)):
                 self._cache[key] = value
             self._stats["evaluations"] += len(batch)
         out = [self._cache.get(k) for k in keys]
@@ -138,7 +141,7 @@ class Evaluator:
         self._stats["cache_hits"] += sum(s is not None for s in out) - evaluated  # answered without a new evaluation
         return out
 
-    def _run(self, plans: list[Plan], steps: int) -> list[float]:
+    def _run(self, plans: list[Plan], steps: int, repeat: int = 0) -> list[float]:
         if not self._started:
             t = time.perf_counter()
             self._started = True  # close() stops whatever start() got going, even if it is interrupted
@@ -146,13 +149,13 @@ class Evaluator:
             self._stats["startup_s"] += time.perf_counter() - t
         t = time.perf_counter()
         try:
-            return self.executor.run([(p.to_dict(), int(steps), plan_seed(p, self.seed, steps)) for p in plans])
+            return self.executor.run([(p.to_dict(), int(steps), plan_seed(p, self.seed, steps, repeat)) for p in plans])
         finally:
             self._stats["scoring_s"] += time.perf_counter() - t
 
     @staticmethod
-    def _key(plan: Plan, steps: int) -> str:
-        return json.dumps([plan.to_dict(), int(steps)], sort_keys=True)
+    def _key(plan: Plan, steps: int, repeat: int = 0) -> str:
+        return json.dumps([plan.to_dict(), int(steps)] + ([int(repeat)] if repeat else []), sort_keys=True)
 
     # -- report and lifetime -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -55,9 +55,10 @@ from compressc.spec import Finetune
 __all__ = ["Workload", "Scorer", "plan_seed", "guarded_score", "recovered_score"]
 
 
-def plan_seed(plan: Plan, run_seed: int, steps: int) -> int:
-    """The seed a candidate is scored with: from the plan, the run seed and ``steps`` only."""
-    text = json.dumps([plan.to_dict(), int(run_seed), int(steps)], sort_keys=True)
+def plan_seed(plan: Plan, run_seed: int, steps: int, repeat: int = 0) -> int:
+    """The seed a candidate is scored with: from the plan, the run seed and ``steps`` only (and
+    ``repeat``, for a plan scored again: ``Evaluator.score_many(..., repeat=r)``)."""
+    text = json.dumps([plan.to_dict(), int(run_seed), int(steps)] + ([int(repeat)] if repeat else []), sort_keys=True)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
 
 
