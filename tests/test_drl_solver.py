@@ -310,7 +310,8 @@ def test_auto_steps_score_for_the_result_the_compile_ships():
 
 def test_a_solve_with_no_evaluation_left_returns_the_prior_and_every_solve_is_summarised():
     """The driver calls again for bit floors on what is left of the evaluations: a call that can score
-    nothing returns the prior's plan (not the most compressed one), and ``solves`` lists both calls."""
+    nothing returns the prior's plan (not the most compressed one), ``solves`` lists both calls, and
+    the rest of the statistics describe the first."""
     problem = coupled_problem(6, 4, overhead=True)
     budget = _budget(problem, 0.3)
     problem.evaluator = _steps_seen(problem, SearchBudget(max_evaluations=6))
@@ -324,6 +325,8 @@ def test_a_solve_with_no_evaluation_left_returns_the_prior_and_every_solve_is_su
     solves = solver.statistics()["solves"]
     assert [s["returned"] for s in solves] == ["best episode", "prior"]
     assert [s["evaluations"] for s in solves] == [first, 0] and solves[0]["episodes"] >= first > 0
+    # the curves (and --plot) are the first call's, the user's problem, not the empty later one
+    assert solver.statistics()["episodes"] == solves[0]["episodes"] == len(solver.statistics()["curve"]["reward"])
     fresh = _steps_seen(problem, SearchBudget(max_evaluations=6))  # a new search: the summaries start afresh
     problem.evaluator = fresh
     solver.solve(problem, budget, np.random.default_rng(0))

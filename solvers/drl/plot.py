@@ -1,6 +1,6 @@
 """The ``drl`` solver's learning curves as a figure (``--plot PATH``; needs ``compressc[plot]``).
 
-Top panel: each episode's reward (hollow markers: warm-up episodes with random actions; one colour per
+Top panel: each episode's reward (hollow markers: random plans and demonstrations; one colour per
 stage) and the best reward so far (a step line); a dashed line where stage 2 starts. Bottom panel:
 each episode's weights-file bytes against the byte budget (every episode is under it, by construction).
 An agent that learns shows rewards climbing towards the best line after warm-up, and its spread
@@ -37,7 +37,7 @@ def plot_curves(statistics: dict[str, Any], path: str | Path) -> Path:
             if pts:
                 top.scatter(*zip(*pts), s=14, facecolors="none" if warm else COLOURS.get(stage, "tab:gray"),
                             edgecolors=COLOURS.get(stage, "tab:gray"),
-                            label=f"{stage}{' (warm-up, random actions)' if warm else ''}")
+                            label=f"{stage}{' (random plans, demonstrations)' if warm else ''}")
     top.step(x, curve["best"], where="post", color="black", linewidth=1.5, label="best so far")
     bottom.scatter(x, curve["bytes"], s=8, color="tab:gray")
     budget = statistics.get("budget_bytes")

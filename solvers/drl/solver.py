@@ -106,24 +106,28 @@ class DRLSolver:
         self.hidden, self.noise, self.noise_final, self.updates = hidden, float(noise), float(noise_final), updates
         self.flops_weight, self.prior, self.steps, self.confirm = float(flops_weight), prior, steps, confirm
         self._stats: dict[str, Any] = {}
+        self._first: dict[str, Any] = {}  # the statistics of the first solve on the current evaluator
         self._solves: list[dict[str, Any]] = []  # one summary per solve on the same evaluator
         self._evaluator: Any = None
         self.ctx = PassContext()  # where episodes are reported (the driver sets its own: bars, logs)
 
     # -- results ---------------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
-        """What the last ``solve`` did: episodes per stage, the best and first scores, and the
+        """What the first ``solve`` on the current evaluator did (the problem the user posed; the
+        driver's later calls for bit floors are summarised in ``solves``; without an evaluator, the last
+        ``solve``): episodes per stage, the best and first scores, and the
         learning curves (per episode: ``stage``, ``reward``, ``score``, ``bytes``, ``flops``, ``best``
-        (best reward so far), ``warmup`` (a random-action episode)); and ``solves``, one summary per
+        (best reward so far), ``warmup`` (a random plan, or a demonstration)); and ``solves``, one summary per
         ``solve`` on the same evaluator (the driver calls again for bit floors at extreme ratios, on
         what is left of the evaluations): its budget, episodes, evaluations, best score and what it
-        returned (``best episode``, ``prior``, ``most compressed`` or ``uncompressed``)."""
-        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self._stats.items()}
+        returned (``best episode``, ``prior``, ``most compressed`` or ``uncompressed``), and how many
+        plans it scored a second time (``confirmed``; their rows, for the first solve, in ``confirmed``)."""
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (self._first or self._stats).items()}
         out["solves"] = [dict(s) for s in self._solves]
         return out
 
     def plot(self, path) -> None:
-        """Draw the last ``solve``'s learning curves to ``path`` (PNG, PDF or SVG, by its suffix)."""
+        """Draw the learning curves of ``statistics()`` (the first solve on the evaluator) to ``path`` (PNG, PDF or SVG, by its suffix)."""
         from compressc.solvers.drl.plot import plot_curves
 
         plot_curves(self.statistics(), path)
@@ -132,13 +136,15 @@ class DRLSolver:
     def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan:
         ev = problem.evaluator
         if ev is None or ev is not self._evaluator:  # a new search: the summaries start afresh
-            self._solves, self._evaluator = [], ev
+            self._solves, self._evaluator, self._first = [], ev, {}
         spent = ev.stats()["evaluations"] if ev is not None else 0
         choice, returned = self._search(problem, budget, rng)
         self._solves.append({"budget_bytes": budget.bytes, "budget_flops": budget.flops,
                              "episodes": self._stats["episodes"], "best_score": self._stats["best_score"],
                              "evaluations": (ev.stats()["evaluations"] - spent) if ev is not None else 0,
-                             "returned": returned})
+                             "confirmed": len(self._stats["confirmed"]), "returned": returned})
+        if ev is not None and len(self._solves) == 1:
+            self._first = self._stats
         return problem.plan(choice)
 
     def _search(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> tuple[Choice, str]:
