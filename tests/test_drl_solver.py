@@ -386,7 +386,7 @@ def test_plot_before_any_episode_says_so(tmp_path):
 
 @pytest.mark.parametrize("options", [{"stages": "quantize"}, {"episodes": 0}, {"warmup": 1.5}, {"round_size": 2.0},
                                      {"noise": -1}, {"flops_weight": True}, {"steps": -1}, {"steps": 2.5}, {"steps": "many"},
-                                     {"prior": "uniform"}])
+                                     {"prior": "uniform"}, {"confirm": -1}, {"confirm": 1.5}])
 def test_bad_options_are_solver_errors(options):
     with pytest.raises(SolverError, match="solver 'drl' does not take"):
         get_solver("drl", **options)
