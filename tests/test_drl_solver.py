@@ -174,6 +174,30 @@ def test_the_best_plans_are_confirmed_by_a_second_score_within_the_budget(steps)
     assert problem.bytes(problem.choice_of(plan)) == best["bytes"]
 
 
+def test_when_time_runs_out_before_the_confirmation_the_best_single_reward_stands():
+    """With only a time limit nothing is kept for the confirmation: when the search spends the time,
+    the second scores do not come, and the best-rewarded plan is returned unconfirmed."""
+    import time as _time
+
+    from compressc.search.executors import SerialExecutor
+
+    problem = coupled_problem(12, 5)
+    budget = _budget(problem, 0.3)
+
+    class Slow(_NoisyScorer):
+        def score(self, plan: Plan, steps: int, seed: int) -> float:
+            _time.sleep(0.005)
+            return super().score(plan, steps, seed)
+
+    problem.evaluator = Evaluator(None, executor=SerialExecutor(scorer=Slow(problem)),
+                                  budget=SearchBudget(time_limit=0.3))
+    solver = DRLSolver(stages="joint", steps=5, episodes=100_000, round_size=4, hidden=8, prior="none")
+    plan = solver.solve(problem, budget, np.random.default_rng(0))
+    stats = solver.statistics()
+    assert problem.evaluator.exhausted and stats["confirmed"] == []
+    assert problem.evaluator.score(plan, steps=5) == stats["best_reward"] == max(stats["curve"]["reward"])
+
+
 # -- determinism ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stages", ["prune,quantize", "joint"])
 def test_the_same_seed_gives_the_same_search(stages):
