@@ -172,6 +172,7 @@ def test_the_best_plans_are_confirmed_by_a_second_score_within_the_budget(steps)
     assert problem.evaluator.stats()["evaluations"] == 30  # the stages left 3 for the confirmation, and it used them
     best = max(rows, key=lambda r: r["mean"])
     assert problem.bytes(problem.choice_of(plan)) == best["bytes"]
+    assert [r["returned"] for r in rows].count(True) == 1 and best["returned"]
 
 
 def test_when_time_runs_out_before_the_confirmation_the_best_single_reward_stands():

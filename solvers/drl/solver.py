@@ -272,9 +272,10 @@ class DRLSolver:
         if any(s is None for s in again):  # the budget ran out (a time limit): the best single reward stands
             return best
         rows = [(c, r, float(s) - penalty) for (c, (r, penalty)), s in zip(top, again)]
-        self._stats["confirmed"] = [{"bytes": problem.bytes(c), "reward": r, "again": r2, "mean": (r + r2) / 2}
-                                    for c, r, r2 in rows]
-        return max(rows, key=lambda row: (row[1] + row[2]) / 2)[0]  # max keeps the first of equal means
+        chosen = max(rows, key=lambda row: (row[1] + row[2]) / 2)[0]  # max keeps the first of equal means
+        self._stats["confirmed"] = [{"bytes": problem.bytes(c), "reward": r, "again": r2, "mean": (r + r2) / 2,
+                                     "returned": c == chosen} for c, r, r2 in rows]
+        return chosen
 
     def steps_for(self, problem: Problem) -> int:
         """The ``steps`` episodes are scored after (``"auto"`` resolved on the problem's evaluator)."""
