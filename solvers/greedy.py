@@ -125,11 +125,8 @@ class GreedySolver:
         limits = {r: getattr(budget, r) for r in RESOURCES if getattr(budget, r) is not None}
         estimates = {r: _Estimate(problem, r) for r in limits}
         path = _descent(problem, estimates, limits)
-        lo, hi = 0, len(path) - 1  # path[0] = c0 does not fit, path[-1] = cmax does
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if problem.feasible(path[mid], budget) else (mid, hi)
-        choice = _relax(problem, estimates, limits, budget, path[hi]) if self.relax else path[hi]
+        fits = problem.first_fitting(path, budget)  # path[-1] = cmax fits
+        choice = _relax(problem, estimates, limits, budget, fits) if self.relax else fits
         return problem.plan(choice)
 
 

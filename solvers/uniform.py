@@ -36,14 +36,6 @@ class UniformSolver:
         return tuple(int(t >= 1.0) if k.kind == "remove" else int(round(t * (len(k.options) - 1))) for k in problem.knobs)
 
     def solve(self, problem: Problem, budget: Budget, rng: np.random.Generator) -> Plan:
-        choices = list(dict.fromkeys(self._choice(problem, t) for t in np.linspace(0.0, 1.0, self.levels + 1)))
-        lo, hi = 0, len(choices) - 1  # choices[hi] (the most compressed level) is feasible by contract
-        if problem.feasible(choices[0], budget):
-            return problem.plan(choices[0])
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if problem.feasible(choices[mid], budget):
-                hi = mid
-            else:
-                lo = mid
-        return problem.plan(choices[hi])
+        # the last level, the most compressed, is feasible by contract
+        return problem.plan(problem.first_fitting(
+            [self._choice(problem, t) for t in np.linspace(0.0, 1.0, self.levels + 1)], budget))

@@ -340,11 +340,22 @@ class Problem:
         """
         a, b = np.asarray(start, dtype=float), np.asarray(end, dtype=float)
         steps = int(np.abs(b - a).max()) * 4 + 1
-        path = list(dict.fromkeys(tuple(int(i) for i in np.round(a + t * (b - a)))
-                                  for t in np.linspace(0.0, 1.0, steps + 1)))
+        return self.first_fitting([tuple(int(i) for i in np.round(a + t * (b - a)))
+                                   for t in np.linspace(0.0, 1.0, steps + 1)], budget)
+
+    def first_fitting(self, path: Sequence[Choice], budget: Budget) -> Choice:
+        """The first choice of ``path`` (ordered from least to most compressed; its last must fit)
+        that fits ``budget``: the first itself when it fits, else by bisection with exact costs.
+
+        >>> p = Problem.from_table(options=[(32, 8, 4, 2)], distortion=[(0, .1, .2, .9)],
+        ...                        bytes_table=[(400, 100, 50, 25)])
+        >>> p.first_fitting([(0,), (1,), (2,), (3,)], Budget(bytes=60))
+        (2,)
+        """
+        path = list(dict.fromkeys(tuple(c) for c in path))
         if self.feasible(path[0], budget):
             return path[0]
-        lo, hi = 0, len(path) - 1  # path[hi], ``end``, fits by contract
+        lo, hi = 0, len(path) - 1  # path[hi] fits by contract
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if self.feasible(path[mid], budget) else (mid, hi)

@@ -207,9 +207,4 @@ class Walk:
                 c[j] = int(round(t * (len(knobs[j].options) - 1)))
             return tuple(c)
 
-        path = list(dict.fromkeys(at(t) for t in np.linspace(0.0, 1.0, 33)))
-        lo, hi = -1, len(path) - 1
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if self.problem.feasible(path[mid], self.budget) else (mid, hi)
-        return path[hi]
+        return self.problem.first_fitting([at(t) for t in np.linspace(0.0, 1.0, 33)], self.budget)
